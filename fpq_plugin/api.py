@@ -212,9 +212,15 @@ def quantize_(
             with torch.no_grad(), observe_input_ranges(missing) as observed:
                 calibration_fn(model)
             ranges.update(observed)
+            del missing
 
-    for i, (name, module) in enumerate(targets):
-        plan = plans.get(name) or default_plan(module, recipe, ranges.get(name), name=name)
+    total = len(targets)
+    for i in range(total):
+        # Drop our reference to each float layer as soon as it is swapped, so its weight can be freed at once
+        # (peak memory stays near one model, not float + quantized).
+        name, module = targets[i]
+        targets[i] = None
+        plan = plans.pop(name, None) or default_plan(module, recipe, ranges.get(name), name=name)
         layer = build_quantized_layer(module, plan, name=name)
         layer.backend = backend
         report.float_bytes += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
@@ -222,7 +228,7 @@ def quantize_(
         report.layers[name] = layer.layer_spec()
         set_submodule(model, name, layer)
         if progress is not None:
-            progress(i + 1, len(targets), name)
+            progress(i + 1, total, name)
     counts = ", ".join(f"{n} {f}" for f, n in sorted(report.format_counts().items()))
     logger.info("fpq: quantized %d layers (%s) with recipe %s", len(report.layers), counts, recipe.name)
     return report

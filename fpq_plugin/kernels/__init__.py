@@ -1,0 +1,27 @@
+"""GPU kernels of fpq, and their pure-PyTorch references.
+
+``fpq_plugin.kernels.fp8_linear``
+    Quantized Linear: ``y = (fp8(x / x_scale) @ W^T) * (x_scale * w_scale) + bias`` with a *static* activation
+    scale. The Triton kernel fuses the bf16/fp16 -> fp8 activation cast into the GEMM's A-tile load, decodes
+    8-bit (float8_e4m3fn codes) or packed 4-bit weights (16-entry code table) on the fly, and applies the
+    per-channel scale and bias in the epilogue. ``fp8_linear_reference`` defines the exact semantics on any
+    device.
+
+Nothing here imports Triton at import time: ``import fpq_plugin`` stays cheap and works without Triton or a GPU.
+Import the submodule when you need it (``from fpq_plugin.kernels import fp8_linear``); it, too, only imports
+Triton on the first kernel call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+__all__ = ["triton_available"]
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False

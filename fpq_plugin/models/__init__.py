@@ -1,0 +1,1 @@
+"""Model architectures and tiny test pipelines built from configs, without the model hub."""
