@@ -148,17 +148,23 @@ class FPFormat:
         # Midpoints of adjacent grid values are exact in fp32 for every format of at most 22 mantissa bits.
         return ((g[1:] + g[:-1]) / 2).contiguous()
 
+    @functools.cached_property
+    def _rounding_boundaries(self) -> torch.Tensor:
+        # Code i rounds up to i + 1 when |x| > mids[i]; on a tie it must go up only when i is odd (ties to the even
+        # code). Lowering the odd midpoints by one ulp turns "> mid" into ">= mid" for exactly those, so a single
+        # strict-count binary search (bucketize, right=False) rounds to nearest, ties to even.
+        mids = self._midpoints.clone()
+        odd = mids[1::2]
+        mids[1::2] = torch.nextafter(odd, torch.zeros_like(odd))
+        return mids
+
     # ---- encode / decode ---------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Round ``x`` (any float dtype) to the nearest code, ties to even; returns int32 codes of x's shape."""
         x = x.detach().float()
         mag = x.abs()
-        mids = self._midpoints.to(x.device)
-        idx = torch.bucketize(mag, mids, right=False)  # mids[idx-1] < mag <= mids[idx]
-        # Exactly on a midpoint bucketize rounds down; move to the upper neighbour when that one has the even code.
-        on_mid = mag == mids[idx.clamp(max=len(mids) - 1)]
-        idx = torch.where(on_mid & (idx % 2 == 1), idx + 1, idx)
-        code = idx.to(torch.int32) | (torch.signbit(x).to(torch.int32) << (self.bits - 1))
+        code = torch.bucketize(mag, self._rounding_boundaries.to(x.device), out_int32=True)
+        code |= torch.signbit(x).to(torch.int32) << (self.bits - 1)
         nan = torch.isnan(x)
         if nan.any():
             if self._nan_code is None:

@@ -27,7 +27,7 @@ class QuantizedWeight:
 
     Attributes:
         format: the number format of the codes.
-        codes: int32 ``(N, K)``, unpacked.
+        codes: integer ``(N, K)`` codes (uint8), unpacked.
         scale: fp32 ``(N,)`` per-channel or ``(1,)`` per-tensor.
         zero_point: fp32, same shape as ``scale``, integer-valued; ``None`` for FP formats.
     """
@@ -83,11 +83,11 @@ def absmax_params(
 def encode_weight(
     w: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Round-to-nearest codes (int32, same shape as the 2-D ``w``) for the given scale / zero point."""
+    """Round-to-nearest codes (uint8, same shape as the 2-D ``w``) for the given scale / zero point."""
     scaled = w.detach().float() / scale.unsqueeze(-1)
     if zero_point is not None:
         scaled = scaled + zero_point.unsqueeze(-1)
-    return fmt.encode(scaled)
+    return fmt.encode_fast(scaled)
 
 
 def _fake_quantize(w: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
@@ -107,20 +107,33 @@ def mse_params(
     """Per row, the clipping factor among ``shrink_factors`` with the lowest squared weight error.
 
     This is the data-free part of the search (the paper's "bias search" with the weight itself as the objective);
-    the calibration stage refines it with the layer-output error.
+    the calibration stage refines it with the layer-output error. All factors are tried in one batched pass over
+    row chunks, so small layers do not pay per-call overhead and large ones stay within a bounded buffer.
     """
     w = _reduce_dims(w.detach().float(), granularity)
-    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
-    best_scale = best_zp = None
-    for factor in shrink_factors:
-        scale, zp = absmax_params(w, fmt, "channel", factor)
-        err = (_fake_quantize(w, fmt, scale, zp) - w).pow(2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
-        if zp is not None:
-            best_zp = zp if best_zp is None else torch.where(better, zp, best_zp)
-    return best_scale, best_zp
+    factors = torch.tensor(shrink_factors, dtype=torch.float32, device=w.device)
+    rows_per_chunk = max(1, (1 << 24) // (len(shrink_factors) * w.shape[1]))
+    scales, zero_points = [], []
+    for rows in w.split(rows_per_chunk):
+        scale, zp = absmax_params(rows, fmt, "channel")
+        if zp is None:
+            cand_scale = scale[None, :] * factors[:, None]  # (F, R)
+            cand_zp = None
+        else:
+            # INT: shrink the [lo, hi] range; recompute the integer zero point for each candidate.
+            lo = rows.amin(dim=1).clamp(max=0)[None, :] * factors[:, None]
+            hi = rows.amax(dim=1).clamp(min=0)[None, :] * factors[:, None]
+            span = hi - lo
+            cand_scale = torch.where(span > 0, span / fmt.qmax, torch.ones_like(span))
+            cand_zp = torch.round(-lo / cand_scale).clamp(0, fmt.qmax)
+        err = (_fake_quantize(rows[None], fmt, cand_scale, cand_zp) - rows[None]).pow(2).sum(dim=-1)  # (F, R)
+        # argmin returns the first minimum: factor 1.0 (plain absmax) wins ties.
+        best = err.argmin(dim=0)
+        pick = torch.arange(rows.shape[0], device=w.device)
+        scales.append(cand_scale[best, pick])
+        if cand_zp is not None:
+            zero_points.append(cand_zp[best, pick])
+    return torch.cat(scales), (torch.cat(zero_points) if zero_points else None)
 
 
 def quantize_weight(
@@ -160,6 +173,8 @@ def choose_weight_format(
     w: torch.Tensor, candidates: tuple[str, ...], *, granularity: str = "channel", scale_method: str = "absmax"
 ) -> QuantizedWeight:
     """Quantize with each candidate format and keep the one with the lowest weight MSE (data-free choice)."""
+    if len(candidates) == 1:
+        return quantize_weight(w, candidates[0], granularity=granularity, scale_method=scale_method)
     best, best_err = None, float("inf")
     for name in candidates:
         qw = quantize_weight(w, name, granularity=granularity, scale_method=scale_method)
