@@ -10,6 +10,7 @@ Public API::
 Importing this package imports only torch: never diffusers, ComfyUI or triton, and it never initialises CUDA.
 """
 
+from fpq_plugin import prompts
 from fpq_plugin.api import (
     LayerPlan,
     QuantizationReport,
@@ -53,6 +54,7 @@ __all__ = [
     "__version__",
     "get_format",
     "get_recipe",
+    "prompts",
     "load_quantized",
     "quantize_",
     "quantized_layers",
