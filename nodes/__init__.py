@@ -1,0 +1,18 @@
+"""fpq's ComfyUI nodes (V1 node schema). Node ids are saved in users' workflows: never rename them."""
+
+from .io_nodes import LoadFPQuantizedUNet, SaveFPQuantizedUNet
+from .quantize_node import FPQuantizeUNet
+
+NODE_CLASS_MAPPINGS = {
+    "FPQuantizeUNet": FPQuantizeUNet,
+    "FPQLoadQuantizedUNet": LoadFPQuantizedUNet,
+    "FPQSaveQuantizedUNet": SaveFPQuantizedUNet,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FPQuantizeUNet": "FP Quantize UNet",
+    "FPQLoadQuantizedUNet": "Load FP Quantized UNet",
+    "FPQSaveQuantizedUNet": "Save FP Quantized UNet",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,77 @@
+"""The method end to end on a tiny real UNet: all layers, FP and INT through the same machinery, determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import sqnr_db
+
+import fpq_plugin as fpq
+from fpq_plugin.errors import CancelledError, LayerQuantizationError
+from fpq_plugin.method import MethodConfig, quantize_with_method, recipe_for
+from fpq_plugin.method.capture import UNetCall
+from fpq_plugin.models.unet_configs import build_unet, example_unet_inputs
+
+QUICK = MethodConfig("quick", rounding_iters=30, search_rows=256, weight_shrink_factors=(1.0, 0.8, 0.6))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    unet = build_unet("tiny")
+    calls = []
+    for i in range(3):
+        kw = example_unet_inputs(unet, batch=2, seed=i)
+        kw["timestep"] = torch.tensor([900 - 400 * i] * 2)
+        calls.append(UNetCall((), kw, i))
+    held_out = example_unet_inputs(unet, batch=2, seed=10)
+    with torch.no_grad():
+        reference = unet(**held_out).sample
+    return unet, calls, held_out, reference
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "int4", "w8a8"])
+def test_method_quantizes_every_layer(setup, recipe: str) -> None:
+    unet, calls, held_out, reference = setup
+    model = copy.deepcopy(unet)
+    n_layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
+    report = quantize_with_method(model, recipe_for(recipe, QUICK), calls, method=QUICK)
+    assert len(fpq.quantized_layers(model)) == n_layers == len(report.layers)
+    assert all(u.get("kept") in ("learned", "nearest") for u in report.units)
+    with torch.no_grad():
+        out = model(**held_out).sample
+    assert torch.isfinite(out).all()
+    assert sqnr_db(reference, out) > 8
+    if recipe == "int4":
+        assert report.format_counts() == {"int4": n_layers}
+
+
+def test_method_is_deterministic_for_a_seed(setup) -> None:
+    unet, calls, _, _ = setup
+    codes = []
+    for _ in range(2):
+        model = copy.deepcopy(unet)
+        quantize_with_method(model, recipe_for("w4a8", QUICK), calls, method=QUICK)
+        codes.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(codes[0][k], codes[1][k]) for k in codes[0])
+
+
+def test_fast_preset_and_cancellation(setup) -> None:
+    unet, calls, _, _ = setup
+    model = copy.deepcopy(unet)
+    fast = MethodConfig("fast", rounding_iters=0, search_rows=256)
+    report = quantize_with_method(model, recipe_for("w8a8", fast), calls, method=fast)
+    assert report.phases["rounding"] == 0.0 and len(report.layers) > 0
+
+    def cancel(done, total, name):
+        if done == 2:
+            raise CancelledError("user pressed cancel")
+
+    with pytest.raises(CancelledError):
+        quantize_with_method(copy.deepcopy(unet), recipe_for("w4a8", QUICK), calls, method=QUICK, progress=cancel)
+
+
+def test_no_calls_is_a_clear_error(setup) -> None:
+    with pytest.raises(LayerQuantizationError, match="no calibration calls"):
+        quantize_with_method(copy.deepcopy(setup[0]), "w4a8", [], method=QUICK)

@@ -1,0 +1,384 @@
+"""The node pack inside a real ComfyUI server, driven over HTTP.
+
+Needs a ComfyUI checkout: ``COMFYUI_PATH=/path/to/ComfyUI`` and, if ComfyUI has its own environment,
+``FPQ_COMFY_PYTHON=/path/to/that/python`` (default: this python). That environment needs fpq's dependencies
+(``pip install -e <this repo>`` or ``pip install -r requirements.txt``). Without ``COMFYUI_PATH`` every test skips.
+
+The fixture writes a random-weight SD1.5-family model set (``make_comfy_test_models.py``), builds a throwaway ComfyUI
+base directory in tmp (``custom_nodes/fpq`` -> this repo, ``models/``, ``output/``), and starts
+``main.py --cpu --base-directory <tmp>`` on a free loopback port. Nothing is written into the ComfyUI checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFY_PYTHON = os.environ.get("FPQ_COMFY_PYTHON", sys.executable)
+
+UNET, CLIP, VAE, LORA = (
+    "tiny_sd15_unet.safetensors",
+    "tiny_clip_l.safetensors",
+    "tiny_sd_vae.safetensors",
+    "tiny_lora.safetensors",
+)
+COMFY_FP8_UNET = "tiny_sd15_unet_comfy_fp8.safetensors"
+
+
+def _skip_reason() -> str | None:
+    if not COMFYUI_PATH:
+        return "set COMFYUI_PATH to a ComfyUI checkout (and FPQ_COMFY_PYTHON to its python) to run the server tests"
+    if not (Path(COMFYUI_PATH) / "main.py").is_file():
+        return f"COMFYUI_PATH={COMFYUI_PATH} has no main.py; point it at a ComfyUI checkout"
+    if not Path(COMFY_PYTHON).is_file():
+        return f"FPQ_COMFY_PYTHON={COMFY_PYTHON} does not exist"
+    return None
+
+
+if _skip_reason():
+    pytest.skip(_skip_reason(), allow_module_level=True)
+
+
+# ---- a small ComfyUI client -----------------------------------------------------------------------------------------
+class Comfy:
+    """HTTP client of one ComfyUI server whose base directory is ``base``."""
+
+    def __init__(self, url: str, base: Path, log: Path) -> None:
+        self.url, self.base, self.log = url, base, log
+
+    def request(self, path: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, Any]:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body = resp.read()
+                return resp.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def submit(self, graph: dict) -> tuple[int, Any]:
+        return self.request("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
+
+    def run(self, graph: dict, timeout: float = 120) -> dict:
+        """Queue ``graph`` and wait for its history entry (whatever its outcome)."""
+        status, body = self.submit(graph)
+        assert status == 200, f"prompt rejected ({status}): {json.dumps(body)[:2000]}"
+        prompt_id = body["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, history = self.request(f"/history/{prompt_id}")
+            if history and prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            time.sleep(0.1)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s; server log: {self.log}")
+
+    def image(self, graph: dict) -> tuple[np.ndarray, float]:
+        """Run a graph ending in SaveImage node "9"; returns its image (uint8 HxWx3) and the wall time."""
+        start = time.perf_counter()
+        entry = self.run(graph)
+        seconds = time.perf_counter() - start
+        assert entry["status"]["status_str"] == "success", _error_text(entry)
+        info = entry["outputs"]["9"]["images"][0]
+        from PIL import Image
+
+        path = self.base / "output" / info["subfolder"] / info["filename"]
+        return np.asarray(Image.open(path).convert("RGB")), seconds
+
+    def node_reports(self) -> list[dict[str, Any]]:
+        """The summary line "FP Quantize UNet" logs per run, parsed: recipe, hit, MiB before/after, seconds."""
+        pattern = re.compile(
+            r"fpq: (\S+) \((\w+)\): \d+ layers \(.*?\) (quantized|loaded from the fpq cache), model ([\d.]+) MiB -> "
+            r"([\d.]+) MiB, calibration ([\d.]+) s, total ([\d.]+) s"
+        )
+        return [
+            {"recipe": m[0], "quality": m[1], "hit": m[2] != "quantized", "float_mib": float(m[3]),
+             "quantized_mib": float(m[4]), "calibration_s": float(m[5]), "total_s": float(m[6])}
+            for m in pattern.findall(self.log.read_text())
+        ]  # fmt: skip
+
+    def quantize_runs(self) -> tuple[int, int]:
+        """How often "FP Quantize UNet" has run so far: (quantized, loaded from the fpq cache), from its log lines."""
+        text = self.log.read_text()
+        return text.count(") quantized, model"), text.count(") loaded from the fpq cache, model")
+
+    def free(self) -> None:
+        """Unload every model and drop ComfyUI's node-output cache (the next prompt runs from scratch)."""
+        self.request("/free", {"unload_models": True, "free_memory": True})
+
+
+def _error_text(entry: dict) -> str:
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
+    return json.dumps(entry["status"])[:2000]
+
+
+def _execution_error(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", "the prompt was expected to fail"
+    return next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("comfy")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # keep __pycache__ out of the ComfyUI checkout
+    # One torch thread: on a busy 2-core machine, two threads competing with other jobs ran ten times slower.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    subprocess.run(
+        [COMFY_PYTHON, str(Path(__file__).with_name("make_comfy_test_models.py")),
+         "--comfyui", COMFYUI_PATH, "--models-dir", str(base / "models")],
+        check=True, env=env, cwd=base, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "fpq").symlink_to(REPO, target_is_directory=True)
+    port = _free_port()
+    log = base / "server.log"
+    with open(log, "w") as log_fh:
+        server = subprocess.Popen(
+            [COMFY_PYTHON, str(Path(COMFYUI_PATH) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+            cwd=base, env=env, stdout=log_fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    client = Comfy(f"http://127.0.0.1:{port}", base, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {server.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if client.request("/system_stats", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ComfyUI did not answer in 120 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield client
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+# ---- graphs ---------------------------------------------------------------------------------------------------------
+def t2i_graph(seed: int = 1, *, quantize: dict | None = None, lora: bool = False, unet_dtype: str = "default",
+              load: str | None = None, prefix: str = "t2i") -> dict:  # fmt: skip
+    """UNETLoader/CLIPLoader/VAELoader -> [FP Quantize UNet] -> [LoRA] -> KSampler (64x64, 4 steps) -> SaveImage "9".
+
+    ``load``: take the MODEL from "Load FP Quantized UNet" with this file instead of UNETLoader.
+    """
+    graph: dict[str, Any] = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNET, "weight_dtype": unet_dtype}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "stable_diffusion"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in the snow", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }
+    model = ["1", 0]
+    if load is not None:
+        graph["1"] = {"class_type": "FPQLoadQuantizedUNet", "inputs": {"unet_name": load}}
+    if quantize is not None:
+        inputs = {"model": model, "recipe": "w8a8", "quality": "fast", "clip": ["2", 0], "calibration_resolution": 64}
+        graph["10"] = {"class_type": "FPQuantizeUNet", "inputs": {**inputs, **quantize}}
+        model = ["10", 0]
+    if lora:
+        graph["11"] = {"class_type": "LoraLoaderModelOnly",
+                       "inputs": {"model": model, "lora_name": LORA, "strength_model": 1.0}}  # fmt: skip
+        model = ["11", 0]
+    graph["7"] = {
+        "class_type": "KSampler",
+        "inputs": {"model": model, "seed": seed, "steps": 4, "cfg": 7.0, "sampler_name": "euler",
+                   "scheduler": "normal", "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
+                   "denoise": 1.0},
+    }  # fmt: skip
+    return graph
+
+
+def diff(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """(mean, max) absolute difference in 8-bit levels."""
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return float(d.mean()), int(d.max())
+
+
+# ---- tests ----------------------------------------------------------------------------------------------------------
+def test_nodes_are_registered(comfy: Comfy) -> None:
+    status, info = comfy.request("/object_info")
+    assert status == 200
+    assert info["FPQuantizeUNet"]["display_name"] == "FP Quantize UNet"
+    assert info["FPQLoadQuantizedUNet"]["display_name"] == "Load FP Quantized UNet"
+    assert info["FPQSaveQuantizedUNet"]["display_name"] == "Save FP Quantized UNet"
+    required = info["FPQuantizeUNet"]["input"]["required"]
+    assert required["recipe"][0] == ["w8a8", "w4a8", "w4a16", "w8a16"]
+    assert required["quality"][0] == ["fast", "standard", "best"]
+    assert "clip" in info["FPQuantizeUNet"]["input"]["optional"]
+
+
+def test_quantized_graph_is_close_to_plain_and_leaves_it_unchanged(comfy: Comfy) -> None:
+    plain, t_plain = comfy.image(t2i_graph(prefix="plain"))
+    built, hits = comfy.quantize_runs()
+    quant, t_quant = comfy.image(t2i_graph(quantize={}, prefix="w8a8"))
+    assert comfy.quantize_runs() == (built + 1, hits), "the first w8a8 run should calibrate and quantize"
+    mean, peak = diff(plain, quant)
+    print(f"\nplain {t_plain:.1f} s; w8a8 with calibration {t_quant:.1f} s; image diff mean {mean:.2f} max {peak}")
+    assert 0 < mean < 8, "a w8a8 image should differ from full precision, slightly"
+
+    # Same inputs, another sampler seed: ComfyUI reuses the node's output, the node does not run.
+    _, t_same = comfy.image(t2i_graph(seed=2, quantize={}, prefix="w8a8_seed2"))
+    assert comfy.quantize_runs() == (built + 1, hits)
+
+    again, _ = comfy.image(t2i_graph(prefix="plain_again"))
+    assert np.array_equal(plain, again), "the plain graph's image changed after the quantized run"
+
+    # After unloading everything, the node runs again and finds its result in fpq's cache (models/fpq_cache).
+    comfy.free()
+    cached, t_cached = comfy.image(t2i_graph(quantize={}, prefix="w8a8_cached"))
+    assert comfy.quantize_runs() == (built + 1, hits + 1), "the second w8a8 run should be an fpq cache hit"
+    assert np.array_equal(quant, cached), "a cache hit should give the same model"
+    build, hit = comfy.node_reports()[-2:]
+    print(
+        f"w8a8 again, node output reused by ComfyUI: {t_same:.1f} s; after /free (cold loaders), graph with an fpq "
+        f"cache hit: {t_cached:.1f} s\nnode time: build {build['total_s']:.1f} s (calibration "
+        f"{build['calibration_s']:.1f} s), cache hit {hit['total_s']:.1f} s; UNet {build['float_mib']} MiB -> "
+        f"{build['quantized_mib']} MiB"
+    )
+    assert hit["hit"] and not build["hit"]
+    assert hit["total_s"] < 0.5 * build["total_s"], "a cache hit should be much faster than calibrating"
+    assert build["quantized_mib"] < 0.3 * build["float_mib"], "w8a8 should store about a quarter of the fp32 bytes"
+
+
+def test_weight_only_recipe_needs_no_clip(comfy: Comfy) -> None:
+    plain, _ = comfy.image(t2i_graph(prefix="plain"))
+    graph = t2i_graph(quantize={"recipe": "w8a16"}, prefix="w8a16")
+    del graph["10"]["inputs"]["clip"]
+    image, seconds = comfy.image(graph)
+    mean, peak = diff(plain, image)
+    print(f"\nw8a16: {seconds:.1f} s, image diff mean {mean:.2f} max {peak}")
+    assert 0 < mean < 8
+
+
+def test_lora_after_quantization_changes_the_image(comfy: Comfy) -> None:
+    quant, _ = comfy.image(t2i_graph(quantize={}, prefix="w8a8"))
+    quant_lora, _ = comfy.image(t2i_graph(quantize={}, lora=True, prefix="w8a8_lora"))
+    plain_lora, _ = comfy.image(t2i_graph(lora=True, prefix="plain_lora"))
+    lora_effect, _ = diff(quant, quant_lora)
+    to_float_lora, _ = diff(plain_lora, quant_lora)
+    print(
+        f"\nLoRA effect on the w8a8 image: mean {lora_effect:.2f}; w8a8+LoRA vs float+LoRA: mean {to_float_lora:.2f}"
+    )
+    assert lora_effect > 2 * to_float_lora, "the LoRA should change the quantized image much more than quantization"
+    again, _ = comfy.image(t2i_graph(quantize={}, prefix="w8a8_again"))
+    assert np.array_equal(quant, again), "removing the LoRA should restore the quantized model exactly"
+
+
+def test_save_then_load_gives_the_same_image(comfy: Comfy) -> None:
+    quant, _ = comfy.image(t2i_graph(quantize={}, prefix="w8a8"))
+    save = t2i_graph(quantize={})
+    save = {k: v for k, v in save.items() if k in ("1", "2", "10")}
+    save["20"] = {"class_type": "FPQSaveQuantizedUNet", "inputs": {"model": ["10", 0], "filename_prefix": "tiny"}}
+    entry = comfy.run(save)
+    assert entry["status"]["status_str"] == "success", _error_text(entry)
+    saved = sorted((comfy.base / "models" / "fpq_unets").glob("tiny_*.safetensors"))
+    assert saved, "Save FP Quantized UNet wrote no file"
+    size_mib = saved[-1].stat().st_size / 2**20
+    float_mib = (comfy.base / "models" / "diffusion_models" / UNET).stat().st_size / 2**20
+    loaded, seconds = comfy.image(t2i_graph(load=saved[-1].name, prefix="loaded"))
+    print(
+        f"\nsaved {saved[-1].name}: {size_mib:.1f} MiB (fp16 file {float_mib:.1f} MiB); "
+        f"load + generate {seconds:.1f} s"
+    )
+    assert size_mib < 0.6 * float_mib
+    assert np.array_equal(quant, loaded), "the loaded model should generate the quantized model's image exactly"
+
+
+def test_bad_inputs_are_node_errors(comfy: Comfy) -> None:
+    # Activation recipes need the CLIP for calibration.
+    graph = t2i_graph(quantize={"clip": None})
+    del graph["10"]["inputs"]["clip"]
+    error = _execution_error(comfy.run(graph))
+    assert error["node_type"] == "FPQuantizeUNet" and "connect a CLIP" in error["exception_message"]
+
+    # An FP8-cast model from ComfyUI's own loader is refused, not quantized twice.
+    error = _execution_error(comfy.run(t2i_graph(quantize={}, unet_dtype="fp8_e4m3fn")))
+    assert error["node_type"] == "FPQuantizeUNet" and "weight_dtype" in error["exception_message"]
+
+    # So is a model in ComfyUI's own FP8 format (comfy_quant; the test model exists on ComfyUI >= 0.8 only).
+    if (comfy.base / "models" / "diffusion_models" / COMFY_FP8_UNET).is_file():
+        graph = t2i_graph(quantize={})
+        graph["1"]["inputs"]["unet_name"] = COMFY_FP8_UNET
+        error = _execution_error(comfy.run(graph))
+        assert error["node_type"] == "FPQuantizeUNet" and "quantized weights" in error["exception_message"]
+
+    # Saving a float model is refused.
+    save = {"class_type": "FPQSaveQuantizedUNet", "inputs": {"model": ["1", 0], "filename_prefix": "x"}}
+    graph = {"1": t2i_graph()["1"], "20": save}
+    error = _execution_error(comfy.run(graph))
+    assert error["node_type"] == "FPQSaveQuantizedUNet" and "not quantized by fpq" in error["exception_message"]
+
+    # A damaged file in models/fpq_unets is reported with its path.
+    bad = comfy.base / "models" / "fpq_unets" / "damaged.safetensors"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not a safetensors file")
+    error = _execution_error(comfy.run(t2i_graph(load=bad.name, prefix="bad")))
+    assert error["node_type"] == "FPQLoadQuantizedUNet" and "damaged.safetensors" in error["exception_message"]
+
+    # Values outside the lists are rejected by ComfyUI's validation before anything runs.
+    status, body = comfy.submit(t2i_graph(quantize={"recipe": "w2a2"}))
+    assert status == 400 and "10" in body["node_errors"]
+
+    # The server is still healthy.
+    assert comfy.request("/system_stats")[0] == 200
+
+
+def test_interrupt_stops_quantization_and_the_server_carries_on(comfy: Comfy) -> None:
+    built, hits = comfy.quantize_runs()
+    cache = comfy.base / "models" / "fpq_cache"
+    locks = set(cache.glob("*.lock"))
+    status, body = comfy.submit(t2i_graph(quantize={"quality": "best"}, prefix="interrupted"))
+    assert status == 200
+    # The node takes the cache entry's lock when it starts building: then calibration (16 prompts x 16 steps) runs.
+    deadline = time.monotonic() + 60
+    while not set(cache.glob("*.lock")) - locks and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    comfy.request("/interrupt", {})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _, history = comfy.request(f"/history/{body['prompt_id']}")
+        if history and body["prompt_id"] in history:
+            break
+        time.sleep(0.2)
+    messages = [kind for kind, _ in history[body["prompt_id"]]["status"]["messages"]]
+    assert "execution_interrupted" in messages
+    assert comfy.quantize_runs() == (built, hits), "an interrupted quantization must not produce a model"
+    image, _ = comfy.image(t2i_graph(quantize={}, prefix="after_interrupt"))
+    assert image.shape == (64, 64, 3)
