@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from fpq_plugin.quantizers import fake_quantize_activation
 
 
-def _input(layer, x: torch.Tensor) -> torch.Tensor:
+def quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input rounded through its static activation quantizer, in ``x``'s dtype (identity if none)."""
     if layer.input_format is None:
         return x
     grid = fake_quantize_activation(x, layer.input_format, layer.input_scale, layer.input_zero_point)
@@ -29,11 +30,17 @@ class DequantBackend:
         return None
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
-        w = layer.dequantized_weight(x.dtype)
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
-        return F.linear(_input(layer, x), w, bias)
+        return run_float_op(layer, x, layer.dequantized_weight(x.dtype))
 
     def conv2d(self, layer, x: torch.Tensor) -> torch.Tensor:
-        w = layer.dequantized_weight(x.dtype)
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
-        return F.conv2d(_input(layer, x), w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return run_float_op(layer, x, layer.dequantized_weight(x.dtype))
+
+
+def run_float_op(layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's Linear/Conv2d on its quantized input with an already dequantized ``weight`` (x's dtype)."""
+    weight = weight.to(x.dtype)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    x = quantize_input(layer, x)
+    if layer.kind == "linear":
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fpq_plugin.api import LayerPlan, Progress, build_quantized_layer, iter_quantizable, set_submodule, weight_matrix
+from fpq_plugin.backends.dequant import run_float_op
 from fpq_plugin.errors import LayerQuantizationError
 from fpq_plugin.formats import get_format
 from fpq_plugin.method.capture import UNetCall
@@ -38,7 +38,6 @@ from fpq_plugin.method.rounding import SoftQuantLayer, reconstruct, set_nearest
 from fpq_plugin.method.search import StatsCollector, search_activation, search_weight
 from fpq_plugin.method.units import Unit, capture_unit_io, execution_order, find_units
 from fpq_plugin.nn import QuantizedLayer
-from fpq_plugin.quantizers import fake_quantize_activation
 from fpq_plugin.recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -73,15 +72,7 @@ class _FrozenQuantized(nn.Module):
         self.register_buffer("w", layer.dequantized_weight(torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if layer.input_format is not None:
-            x = (fake_quantize_activation(x, layer.input_format, layer.input_scale, layer.input_zero_point)
-                 * layer.input_scale).to(x.dtype)
-        w = self.w.to(x.dtype)
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
-        if layer.kind == "linear":
-            return F.linear(x, w, bias)
-        return F.conv2d(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return run_float_op(self.layer, x, self.w)
 
 
 def _model_device(model: nn.Module) -> torch.device:
