@@ -23,6 +23,9 @@ from fpq_plugin.quantizers import QuantizedWeight, activation_params, encode_wei
 from fpq_plugin.quantizers.weights import _fake_quantize, absmax_params
 
 
+PERCENTILES = (0.999, 0.9999)  # of |x|, proposed as activation clipping values besides the absmax factors
+
+
 @dataclass
 class LayerStats:
     """What a layer's inputs looked like on the calibration data.
@@ -188,16 +191,26 @@ def search_activation(
     x = stats.rows
     target = x @ w_hat.T
     energy = float(target.pow(2).sum()) or 1.0
+    absmax = max(abs(stats.amin), abs(stats.amax))
+    # Observers proposing clipping ranges: the absmax observer shrunk by each factor, and percentile observers of
+    # |x| (robust to a few outliers that a factor grid cannot reach). The layer-output error decides among them.
+    magnitudes = x.abs().flatten()
+    if magnitudes.numel() > 1 << 24:  # torch.quantile's input limit; a strided subsample keeps the tail estimate
+        magnitudes = magnitudes[:: magnitudes.numel() // (1 << 24) + 1]
+    percentiles = [float(v) for v in torch.quantile(magnitudes, torch.tensor(PERCENTILES, device=x.device))]
     best = None
     errors = {}
     for name in candidates:
         fmt = get_format(name)
         fmt_best = None
-        for factor in shrink_factors:
+        ranges = [(f * stats.amin, f * stats.amax, f * absmax) for f in shrink_factors]
+        if fmt.kind == "fp":
+            ranges += [(-p, p, p) for p in percentiles if 0 < p < absmax]
+        for lo, hi, mag in ranges:
             if fmt.kind == "fp":
-                scale, zp = activation_params(fmt, factor * max(abs(stats.amin), abs(stats.amax)))
+                scale, zp = activation_params(fmt, mag)
             else:
-                scale, zp = activation_params(fmt, factor * stats.amax, factor * stats.amin)
+                scale, zp = activation_params(fmt, hi, lo)
             s = torch.tensor(scale, device=x.device)
             z = torch.tensor(zp, device=x.device) if zp is not None else None
             x_hat = fake_quantize_activation(x, fmt, s, z) * s

@@ -72,3 +72,15 @@ def test_stats_collector_unfolds_convolutions_and_tracks_ranges() -> None:
     assert stats["lin"].rows.shape == (14, 5)
     assert stats["lin"].amax == float(max(randn(7, 5).max(), (randn(7, 5, seed=9) * 3).max()))
     assert not conv._forward_pre_hooks and not lin._forward_pre_hooks
+
+
+def test_percentile_observer_clips_a_lone_outlier() -> None:
+    x = randn(4096, 16, seed=7)
+    # One outlier so large that scaling to it (or to 0.3 of it) flushes every ordinary value below e4m3's smallest
+    # subnormal, in an input channel the layer ignores, so clipping it costs nothing.
+    x[0, 0] = 1e7
+    w = randn(8, 16, seed=8)
+    w[:, 0] = 0.0
+    fmt, scale, _, _ = search_activation(LayerStats(x, float(x.min()), float(x.max())), w,
+                                         ("e4m3fn",), shrink_factors=(1.0, 0.5, 0.3))
+    assert scale < 10 / 448  # the percentile observer's clipping value (about 3.9), not the outlier's
