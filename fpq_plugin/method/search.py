@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpq_plugin.formats import Format, get_format
+from fpq_plugin.formats import get_format
 from fpq_plugin.quantizers import QuantizedWeight, activation_params, encode_weight, fake_quantize_activation
-from fpq_plugin.quantizers.weights import _fake_quantize, absmax_params
+from fpq_plugin.quantizers.weights import candidate_params, fake_quantize_weight
 
 
 PERCENTILES = (0.999, 0.9999)  # of |x|, proposed as activation clipping values besides the absmax factors
@@ -129,8 +129,8 @@ def search_weight(
         chunk_err, chunk_scale, chunk_zp = [], [], []
         for start in range(0, n, rows_per_chunk):
             rows = w[start : start + rows_per_chunk]
-            scale, zp = _candidate_params(rows, fmt, factors, w if granularity == "tensor" else None)
-            d = _fake_quantize(rows[None], fmt, scale, zp) - rows[None]  # (F, r, K)
+            scale, zp = candidate_params(rows, fmt, factors, w if granularity == "tensor" else None)
+            d = fake_quantize_weight(rows[None], fmt, scale, zp) - rows[None]  # (F, r, K)
             chunk_err.append(((d @ h) * d).sum(-1))  # (F, r)
             chunk_scale.append(scale)
             chunk_zp.append(zp)
@@ -150,20 +150,6 @@ def search_weight(
         if best is None or total < best[0]:
             best = (total, QuantizedWeight(fmt, encode_weight(w, fmt, s, z), s, z))
     return best[1], errors
-
-
-def _candidate_params(rows: torch.Tensor, fmt: Format, factors: torch.Tensor, whole: torch.Tensor | None = None):
-    """(F, r) scales (and zero points) for each clipping factor; ``whole`` = the full weight for per-tensor scales."""
-    ref = whole.reshape(1, -1) if whole is not None else rows
-    if fmt.kind == "fp":
-        base = absmax_params(ref, fmt)[0].expand(rows.shape[0])
-        return factors[:, None] * base[None, :], None
-    lo = ref.amin(1).clamp(max=0).expand(rows.shape[0])
-    hi = ref.amax(1).clamp(min=0).expand(rows.shape[0])
-    lo, hi = factors[:, None] * lo[None], factors[:, None] * hi[None]
-    span = hi - lo
-    scale = torch.where(span > 0, span / fmt.qmax, torch.ones_like(span))
-    return scale, torch.round(-lo / scale).clamp(0, fmt.qmax)
 
 
 def search_activation(

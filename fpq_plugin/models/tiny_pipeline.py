@@ -151,7 +151,7 @@ def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
             seen.add(token)
     tokens += [f"<|unused{i}|>" for i in range(TEXT_VOCAB_SIZE - 2 - len(tokens))]
     tokens += [_BOS, _EOS]
-    assert len(tokens) == TEXT_VOCAB_SIZE
+    assert len(tokens) == TEXT_VOCAB_SIZE  # internal invariant of this builder, not user input
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
@@ -282,7 +282,7 @@ def build_tiny_pipeline(
     # SD1.5 pads with eos; SDXL's second tokenizer pads with "!" (id 0), as the released tokenizers do.
     tokenizer = _load_tokenizer(tokenizer_dir, pad_token=_EOS)
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    assert (bos_id, eos_id) == (TEXT_VOCAB_SIZE - 2, TEXT_VOCAB_SIZE - 1), (bos_id, eos_id)
+    assert (bos_id, eos_id) == (TEXT_VOCAB_SIZE - 2, TEXT_VOCAB_SIZE - 1), (bos_id, eos_id)  # internal invariant
 
     unet_name = "tiny" if kind == "sd15" else "tiny-xl"
     config = unet_config(unet_name)

@@ -90,12 +90,35 @@ def encode_weight(
     return fmt.encode_fast(scaled)
 
 
-def _fake_quantize(w: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+def fake_quantize_weight(
+    w: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None
+) -> torch.Tensor:
+    """``w`` rounded to the grid of ``fmt`` under ``scale`` (and zero point), in fp32; scale broadcasts on the last dim."""
     s = scale.unsqueeze(-1)
     if zero_point is None:
         return fmt.quantize(w / s) * s
     z = zero_point.unsqueeze(-1)
     return (fmt.quantize(w / s + z) - z) * s
+
+
+def candidate_params(
+    rows: torch.Tensor, fmt: Format, factors: torch.Tensor, whole: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(F, r)`` scales (and INT zero points) of ``rows`` for each clipping factor in ``factors`` (shape ``(F,)``).
+
+    ``whole`` (the full weight) makes the range per tensor instead of per row. Shared by the data-free MSE search
+    and the layer-output search of :mod:`fpq_plugin.method.search`.
+    """
+    ref = whole.reshape(1, -1) if whole is not None else rows
+    if fmt.kind == "fp":
+        base = absmax_params(ref, fmt)[0].expand(rows.shape[0])
+        return factors[:, None] * base[None, :], None
+    # INT: shrink the [lo, hi] range; recompute the integer zero point for each candidate.
+    lo = factors[:, None] * ref.amin(1).clamp(max=0).expand(rows.shape[0])[None]
+    hi = factors[:, None] * ref.amax(1).clamp(min=0).expand(rows.shape[0])[None]
+    span = hi - lo
+    scale = torch.where(span > 0, span / fmt.qmax, torch.ones_like(span))
+    return scale, torch.round(-lo / scale).clamp(0, fmt.qmax)
 
 
 def mse_params(
@@ -115,18 +138,8 @@ def mse_params(
     rows_per_chunk = max(1, (1 << 24) // (len(shrink_factors) * w.shape[1]))
     scales, zero_points = [], []
     for rows in w.split(rows_per_chunk):
-        scale, zp = absmax_params(rows, fmt, "channel")
-        if zp is None:
-            cand_scale = scale[None, :] * factors[:, None]  # (F, R)
-            cand_zp = None
-        else:
-            # INT: shrink the [lo, hi] range; recompute the integer zero point for each candidate.
-            lo = rows.amin(dim=1).clamp(max=0)[None, :] * factors[:, None]
-            hi = rows.amax(dim=1).clamp(min=0)[None, :] * factors[:, None]
-            span = hi - lo
-            cand_scale = torch.where(span > 0, span / fmt.qmax, torch.ones_like(span))
-            cand_zp = torch.round(-lo / cand_scale).clamp(0, fmt.qmax)
-        err = (_fake_quantize(rows[None], fmt, cand_scale, cand_zp) - rows[None]).pow(2).sum(dim=-1)  # (F, R)
+        cand_scale, cand_zp = candidate_params(rows, fmt, factors)
+        err = (fake_quantize_weight(rows[None], fmt, cand_scale, cand_zp) - rows[None]).pow(2).sum(dim=-1)  # (F, R)
         # argmin returns the first minimum: factor 1.0 (plain absmax) wins ties.
         best = err.argmin(dim=0)
         pick = torch.arange(rows.shape[0], device=w.device)
