@@ -35,6 +35,7 @@ __all__ = [
     "TEXT_VOCAB_SIZE",
     "build_tiny_pipeline",
     "save_tiny_pipeline",
+    "sd_scheduler",
     "write_tiny_tokenizer",
 ]
 
@@ -132,7 +133,7 @@ def _learn_merges(corpus: str, max_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _tiny_vocab(corpus: str = _CORPUS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Build the tiny CLIP-style vocabulary and merges.
 
     Layout follows real CLIP: 256 byte characters, the same with ``</w>``, merged tokens, then (padding to
@@ -142,7 +143,7 @@ def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + _END_OF_WORD for c in alphabet]
     budget = TEXT_VOCAB_SIZE - len(tokens) - 2
-    merges = _learn_merges(_CORPUS, budget)
+    merges = _learn_merges(corpus, budget)
     seen = set(tokens)
     for left, right in merges:
         token = left + right
@@ -155,18 +156,19 @@ def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def write_tiny_tokenizer(tokenizer_dir: str | os.PathLike[str]) -> Path:
+def write_tiny_tokenizer(tokenizer_dir: str | os.PathLike[str], corpus: str | None = None) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of the tiny byte-level BPE tokenizer.
 
     Args:
         tokenizer_dir: Directory to write into (created if missing).
+        corpus: Whitespace-separated lowercase words the merges are learned from; defaults to the test corpus.
 
     Returns:
         The directory, loadable with ``CLIPTokenizer.from_pretrained``.
     """
     path = Path(tokenizer_dir)
     path.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _tiny_vocab()
+    vocab, merges = _tiny_vocab(_CORPUS if corpus is None else corpus)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # The header line is part of the format: CLIP's merges.txt starts with it and loaders skip it.
     lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
@@ -230,7 +232,8 @@ def _vae() -> Any:
     )
 
 
-def _scheduler(name: str) -> Any:
+def sd_scheduler(name: str) -> Any:
+    """A fresh ``"ddim"`` or ``"euler"`` scheduler with Stable Diffusion's training noise schedule."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     # The beta schedule of SD1.x/SDXL, so timesteps and noise levels look like the real models'.
@@ -301,7 +304,7 @@ def build_tiny_pipeline(
             text_encoder_2 = CLIPTextModelWithProjection(
                 _text_config("gelu", pooled_dim, eos_id, bos_id, tokenizer_2.pad_token_id)
             )
-    sched = _scheduler(scheduler)
+    sched = sd_scheduler(scheduler)
 
     modules: list[torch.nn.Module] = [unet, vae, text_encoder]
     if kind == "sd15":
