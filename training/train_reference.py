@@ -13,6 +13,8 @@ Example (what made the shipped weights; see ``fpq_plugin/reference/weights/MODEL
     python training/train_reference.py --out runs/r1 --phases judge,vae,t2i,uncond
     python training/train_reference.py --out runs/r2 --resume runs/r1 --phases t2i --minutes-t2i 8
 
+``--fresh uncond`` retrains the unconditional model from scratch (e.g. after changing its scheduler's
+``prediction_type`` to ``v_prediction``, which the loss follows).
 ``--resume`` continues from a previous output folder: models not trained in this run are copied from it, trained
 ones start from its (EMA) weights with a fresh optimizer; the loss log is extended. The output folder holds the
 diffusers folders ``scenes-t2i`` and ``scenes-uncond`` (fp16 safetensors), ``scenes-judge.safetensors``,
@@ -276,7 +278,8 @@ def train_uncond(args, pipe, device, log) -> None:
             g["lr"] = lr_at(fraction, i, args.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = unet(scheduler.add_noise(x, noise, t), t).sample
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(x, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * _loss_weights(args, scheduler, t)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -326,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resume", type=Path)
     p.add_argument("--phases", default="judge,vae,t2i,uncond")
+    p.add_argument("--fresh", default="", help="models to start from scratch despite --resume (only 'uncond')")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--minutes-judge", type=float, default=0.5)
@@ -362,11 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     if "t2i" in phases:
         train_t2i(args, t2i, device, log)
     t2i.to(device)
+    fresh = set(args.fresh.split(","))
     uncond = (
         load_uncond_pipeline(args.resume / "scenes-uncond")
-        if args.resume and (args.resume / "scenes-uncond").exists()
+        if args.resume and (args.resume / "scenes-uncond").exists() and "uncond" not in fresh
         else build_uncond_pipeline()
     )
+    if "uncond" in fresh:
+        log.pop("uncond", None)
     if "uncond" in phases:
         train_uncond(args, uncond, device, log)
     uncond.to(device)
