@@ -1,4 +1,4 @@
-"""The ``fpq`` command line: ``fpq demo``, ``fpq quantize``, ``fpq cache``, ``fpq inspect``."""
+"""The ``fpq`` command line: ``fpq demo``, ``fpq quantize``, ``fpq cache``, ``fpq inspect``, ``fpq eval``."""
 
 from __future__ import annotations
 
@@ -17,18 +17,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fpq_plugin.demo import run_demo
 
     console = Console()
-    with console.status("starting") as status:
+    with console.status("loading the bundled reference model") as status:
         rows, grid = run_demo(args.out, steps=args.steps, n_images=args.images, seed=args.seed,
                               progress=lambda msg: status.update(msg))
-    table = Table(title="fpq demo: bundled tiny SD1.5-architecture pipeline (random weights), same seeds")
-    for col in ("variant", "UNet bytes", "vs bf16", "PSNR vs full precision", "time"):
+    table = Table(title="fpq demo: bundled scenes-t2i reference model (SD architecture), same prompts and seeds")
+    for col in ("variant", "UNet size", "vs bf16", "weight sparsity", "PSNR vs full precision", "prompt accuracy",
+                "time"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     for r in rows:
         psnr = "reference" if r.psnr_db == float("inf") else f"{r.psnr_db:.1f} dB"
-        table.add_row(r.variant, f"{r.unet_bytes / 2**20:.2f} MiB", f"{r.ratio_vs_bf16:.0%}", psnr, f"{r.seconds:.1f} s")
+        table.add_row(r.variant, f"{r.unet_bytes / 2**20:.2f} MiB", f"{r.ratio_vs_bf16:.0%}", f"{r.sparsity:.1%}",
+                      psnr, f"{r.prompt_accuracy:.2f}", f"{r.seconds:.1f} s")
     console.print(table)
     console.print(f"image grid (rows: full precision, then each recipe): {grid}")
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fpq_plugin.evaluation.command import run
+
+    return run(args)
 
 
 def _resolve_checkpoint(target: str, cache_dir: str | None) -> Path:
@@ -197,9 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quantize the bundled pipeline (W8A8, W4A8) and compare with full precision")
     demo.add_argument("--out", default="fpq-demo", help="folder for the image grid (default: ./fpq-demo)")
     demo.add_argument("--steps", type=int, default=10)
-    demo.add_argument("--images", type=int, default=4)
+    demo.add_argument("--images", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+    evaluation = sub.add_parser("eval", help="the paper's table on a reference model: FP vs INT, PSNR/SSIM/FID")
+    from fpq_plugin.evaluation.command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=_cmd_eval)
     quantize = sub.add_parser("quantize", help="quantize a diffusers pipeline folder's UNet and save the result")
     quantize.add_argument("model", help="diffusers pipeline folder (SD1.x, SD2.x, SDXL) or single-file .safetensors")
     quantize.add_argument("out", help="output folder (a pipeline folder with the quantized UNet)")
