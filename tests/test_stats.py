@@ -119,3 +119,25 @@ def test_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path) -> N
         layer_stats(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError):
         layer_stats(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("recipe", ["w4a16", "int4", "w8a16", "int8"])
+def test_code_shortcut_equals_dequantizing(recipe) -> None:
+    from fpq_plugin.stats import _quantized_layer_stats
+
+    model = _gaussian_mlp(seed=3)
+    fpq.quantize_(model, recipe, calibration_fn=_calibrate)
+    for name, layer in fpq.quantized_layers(model).items():
+        assert _quantized_layer_stats(name, layer) == _quantized_layer_stats(name, layer, exact=True)
+
+
+def test_code_shortcut_steps_aside_where_it_could_differ() -> None:
+    from fpq_plugin.stats import _quantized_layer_stats, _zeros_from_codes
+
+    layer = _hand_made_layer()
+    assert _zeros_from_codes(layer) == 3
+    layer.weight_scale = torch.tensor([0.0, 2.0])  # a zero scale zeroes a whole row
+    assert _zeros_from_codes(layer) is None and _quantized_layer_stats("x", layer).zeros == 3 + 2
+    layer.weight_scale = torch.tensor([1e-45, 2.0])  # 0.5 * 1e-45 underflows to 0 in fp32
+    assert _zeros_from_codes(layer) is None
+    assert _quantized_layer_stats("x", layer).zeros == _quantized_layer_stats("x", layer, exact=True).zeros
