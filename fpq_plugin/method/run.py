@@ -161,8 +161,11 @@ def quantize_with_method(
         del collector
         t1 = time.perf_counter()
         report.phases["capture"] += t1 - t0
-        plans = {name: _search_layer(name, module, stats, recipe, config, report)
-                 for name, module in float_layers.items()}
+        plans = {}
+        for name, module in float_layers.items():
+            if progress is not None:  # also the cancel check between layers: a group's search can take minutes on CPU
+                progress(done, len(units), name)
+            plans[name] = _search_layer(name, module, stats, recipe, config, report)
         del stats
         report.phases["search"] += time.perf_counter() - t1
         for unit in group:

