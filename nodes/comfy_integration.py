@@ -32,11 +32,10 @@ import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
-import comfy.sample
 import comfy.utils
 import torch
 
-from fpq_plugin.api import QuantizationReport, iter_quantizable, observe_input_ranges, quantize_
+from fpq_plugin.api import iter_quantizable
 from fpq_plugin.errors import FPQError
 from fpq_plugin.io import load_quantized, read_header, save_quantized
 from fpq_plugin.nn import LAYER_KINDS, QConv2d, QLinear, QuantizedLayer
@@ -256,53 +255,6 @@ def quantizable_layers(patcher: Any, recipe: Recipe) -> list[str]:
     return [name for name, _ in targets]
 
 
-# ---- calibration ----------------------------------------------------------------------------------------------------
-def encode_prompt(clip: Any, text: str) -> list:
-    """CONDITIONING for ``text``, exactly as the CLIPTextEncode node makes it."""
-    tokens = clip.tokenize(text)
-    if hasattr(clip, "encode_from_tokens_scheduled"):
-        return clip.encode_from_tokens_scheduled(tokens)
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    return [[cond, {"pooled_output": pooled}]]
-
-
-def calibrate_input_ranges(
-    patcher: Any,
-    clip: Any,
-    prompts: list[str],
-    layer_names: list[str],
-    *,
-    steps: int,
-    resolution: int,
-    seed: int = 0,
-    cfg: float = 7.0,
-    sampler_name: str = "euler",
-    scheduler: str = "normal",
-    on_step: Callable[[], None] | None = None,
-) -> dict[str, list[float]]:
-    """Run ComfyUI's sampler on each prompt (an empty latent, ``steps`` steps) and record every layer's input range.
-
-    The hooks sit on the modules the input MODEL runs (``get_model_object`` resolves its object patches), and its
-    weight patches (a LoRA before this node) are active, so the ranges are those of the model being quantized.
-    """
-    model = patcher.clone()
-    modules = {name: model.get_model_object(DIFFUSION_PREFIX + name) for name in layer_names}
-    negative = encode_prompt(clip, "")
-    callback = (lambda step, x0, x, total: on_step()) if on_step is not None else None
-    with observe_input_ranges(modules) as ranges:
-        for i, prompt in enumerate(prompts):
-            mm.throw_exception_if_processing_interrupted()
-            positive = encode_prompt(clip, prompt)
-            latent = torch.zeros([1, 4, resolution // 8, resolution // 8])
-            latent = comfy.sample.fix_empty_latent_channels(model, latent)
-            noise = comfy.sample.prepare_noise(latent, seed + i)
-            comfy.sample.sample(
-                model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                denoise=1.0, callback=callback, disable_pbar=True, seed=seed + i,
-            )  # fmt: skip
-        return dict(ranges)
-
-
 # ---- building the quantized MODEL -----------------------------------------------------------------------------------
 def _share_or_copy(obj: Any, memo: dict) -> Any:
     try:
@@ -407,9 +359,7 @@ def quantized_copy(
     recipe: Recipe,
     layer_names: list[str],
     *,
-    calibrate: Callable[[], dict[str, list[float]]] | None = None,
-    quantize_fn: Callable[..., QuantizationReport] = quantize_,
-    progress: Callable[[int, int, str], None] | None = None,
+    quantize: Callable[[torch.nn.Module, list[str]], dict[str, Any]],
     cache: Any = None,
     cache_key_parts: dict[str, Any] | None = None,
 ) -> tuple[FPQModelPatcher, bool]:
@@ -417,27 +367,25 @@ def quantized_copy(
 
     Args:
         patcher: the input MODEL.
-        recipe: the recipe.
+        recipe: the recipe (as the method runs it: ``rounding`` set by the quality preset).
         layer_names: layers to quantize (from :func:`quantizable_layers`).
-        calibrate: returns ``{layer: [min, max]}`` input ranges (runs only when the model is actually built).
-        quantize_fn: ``quantize_`` or a function with its call shape.
-        progress: ``quantize_``'s per-layer progress callback.
+        quantize: ``quantize(diffusion_model, layer_names)`` quantizes the float copy in place (it runs only when
+            the model is actually built) and returns a JSON-able summary of what it did, stored in the cache
+            entry's header and later in saved files.
         cache: a :class:`fpq_plugin.cache.QuantCache`, or None to always build.
         cache_key_parts: ``prompt_set`` (or None), ``method_version`` and ``extra`` for
             :func:`fpq_plugin.cache.cache_key`; the float weights' fingerprint and the recipe are added here.
 
     Returns:
-        The new MODEL and whether it came from the cache.
+        The new MODEL and whether it came from the cache. ``model.model.fpq_method`` holds the summary.
     """
     snapshot = float_snapshot(patcher, layer_names)
     diffusion_model = snapshot.diffusion_model
-    wanted = set(layer_names)
+    # Filled by build() before the cache writes the entry (the cache reads `extra` after building).
+    header_extra: dict[str, Any] = {}
 
     def build() -> torch.nn.Module:
-        ranges = calibrate() if calibrate is not None else None
-        quantize_fn(
-            diffusion_model, recipe, input_ranges=ranges, layer_filter=lambda n, _m: n in wanted, progress=progress
-        )
+        header_extra["fpq_method"] = quantize(diffusion_model, layer_names)
         return diffusion_model
 
     hit = False
@@ -450,9 +398,13 @@ def quantized_copy(
         parts = dict(cache_key_parts or {})
         fingerprint = fingerprint_module(diffusion_model)  # the float weights, with the input's LoRAs baked in
         key = cache_key(fingerprint, recipe, parts.pop("prompt_set", None), **parts)
-        _, _, hit = cache.get_or_build(
-            key, build, diffusion_model, recipe=recipe, model_fingerprint=fingerprint, device=patcher.offload_device
-        )
+        _, header, hit = cache.get_or_build(
+            key, build, diffusion_model, recipe=recipe, model_fingerprint=fingerprint, extra=header_extra,
+            device=patcher.offload_device,
+        )  # fmt: skip
+        if hit:
+            header_extra["fpq_method"] = header.extra.get("fpq_method")
+    snapshot.fpq_method = header_extra.get("fpq_method")
     return wrap_quantized(snapshot, recipe, patcher, patcher.load_device, patcher.offload_device), hit
 
 
@@ -466,8 +418,8 @@ def format_counts(patcher: Any) -> dict[str, int]:
 
 
 # ---- files ----------------------------------------------------------------------------------------------------------
-def save_model(patcher: Any, path: str) -> None:
-    """Write the quantized diffusion model of an fpq MODEL (without any LoRA) to ``path``."""
+def _saveable(patcher: Any) -> torch.nn.Module:
+    """The quantized diffusion model of an fpq MODEL, unpatched, ready to be written; typed errors otherwise."""
     if not is_fpq_model(patcher):
         raise NodeInputError(
             "this MODEL is not quantized by fpq; connect the output of 'FP Quantize UNet' or 'Load FP Quantized UNet'"
@@ -480,12 +432,47 @@ def save_model(patcher: Any, path: str) -> None:
     diffusion_model = patcher.model.diffusion_model
     if patcher.backup or any(_ORIGINAL in m.__dict__ for m in diffusion_model.modules()):
         mm.unload_all_models()  # another clone's LoRA is applied in place right now: unloading restores the codes
+    return diffusion_model
+
+
+def save_model(patcher: Any, path: str) -> None:
+    """Write the quantized diffusion model of an fpq MODEL (without any LoRA) to ``path`` (fpq's own format)."""
+    diffusion_model = _saveable(patcher)
     save_quantized(
         diffusion_model,
         path,
         recipe=patcher.model.fpq_recipe,
-        extra={"comfyui": {"key_layout": "ldm", "model_config": type(patcher.model.model_config).__name__}},
+        extra={
+            "comfyui": {"key_layout": "ldm", "model_config": type(patcher.model.model_config).__name__},
+            "fpq_method": getattr(patcher.model, "fpq_method", None),
+        },
     )
+
+
+def export_comfy_quant(patcher: Any, path: str) -> dict[str, int]:
+    """Write an fpq MODEL as a ComfyUI-native ``comfy_quant`` UNet file (see :mod:`.comfy_quant`).
+
+    Returns:
+        Counts: FP8 Linear layers stored natively (bit-exact / requantized per tensor), input scales, layers
+        dequantized to float.
+    """
+    from .comfy_quant import save_comfy_quant
+
+    diffusion_model = _saveable(patcher)
+    float_dtype = torch.bfloat16 if patcher.model.get_dtype() == torch.bfloat16 else torch.float16
+    recipe = patcher.model.fpq_recipe
+    method = getattr(patcher.model, "fpq_method", None) or {}
+    provenance = {"tool": "fpq", "recipe": recipe.name, "method": method.get("preset")}
+    return save_comfy_quant(diffusion_model, path, float_dtype=float_dtype, provenance=provenance)
+
+
+def comfy_quant_supported() -> bool:
+    """True when this ComfyUI loads ``comfy_quant`` checkpoints (>= 0.8)."""
+    try:
+        from comfy.quant_ops import QUANT_ALGOS
+    except ImportError:
+        return False
+    return "float8_e4m3fn" in QUANT_ALGOS
 
 
 def _float_state_shapes(path: str, header: Any) -> dict[str, torch.Tensor]:
@@ -540,6 +527,7 @@ def load_model(path: str) -> FPQModelPatcher:
             for name, p in module.named_parameters(recurse=False):
                 if p.is_floating_point() and p.dtype != unet_dtype:
                     setattr(module, name, torch.nn.Parameter(p.detach().to(unet_dtype), requires_grad=False))
+    model.fpq_method = header.extra.get("fpq_method")
     logger.info(
         "fpq: loaded %s (%s, %d quantized layers)", os.path.basename(path), header.recipe.name, len(header.layers)
     )
@@ -548,11 +536,12 @@ def load_model(path: str) -> FPQModelPatcher:
 
 # ---- progress -------------------------------------------------------------------------------------------------------
 class NodeProgress:
-    """ComfyUI's progress bar over calibration steps then layers, with its cancel check at every update."""
+    """ComfyUI's progress bar over calibration steps then the quantization's units (or layers), with its cancel
+    check at every update."""
 
-    def __init__(self, calibration_steps: int, layers: int) -> None:
+    def __init__(self, calibration_steps: int, quantize_steps: int) -> None:
         self.calibration_steps = calibration_steps
-        self.total = calibration_steps + layers
+        self.total = calibration_steps + quantize_steps
         self.done_steps = 0
         self.bar = comfy.utils.ProgressBar(self.total)
 
@@ -566,7 +555,9 @@ class NodeProgress:
         """Everything is done (also after a cache hit, which skips the steps)."""
         self.bar.update_absolute(self.total, self.total)
 
-    def layer(self, done: int, total: int, name: str) -> None:
-        """``quantize_``'s progress callback: ``done`` of ``total`` layers are quantized."""
+    def quantize(self, done: int, total: int, name: str) -> None:
+        """Progress callback of ``quantize_`` (layers) and of the method (units; also every 50 rounding
+        iterations): ``done`` of ``total`` are finished. The total is only known once the method found its units."""
+        self.total = self.calibration_steps + total
         self.bar.update_absolute(self.calibration_steps + done, self.total)
         mm.throw_exception_if_processing_interrupted()

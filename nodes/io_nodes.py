@@ -9,13 +9,15 @@ from typing import Any
 
 import folder_paths
 
-from .comfy_integration import NodeInputError, load_model, save_model
+from .comfy_integration import NodeInputError, comfy_quant_supported, export_comfy_quant, load_model, save_model
 
 logger = logging.getLogger("fpq")
 
 FOLDER = "fpq_unets"
 CACHE_FOLDER = "fpq_cache"  # fpq_plugin.cache entries made by "FP Quantize UNet"
 EXTENSIONS = {".safetensors"}
+NATIVE_FOLDER = "diffusion_models"  # where ComfyUI's own UNETLoader looks
+SAVE_FORMATS = ("fpq", "comfy_quant")
 
 
 def register_folder(name: str) -> None:
@@ -63,7 +65,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
 
 
 class SaveFPQuantizedUNet:
-    """Save a quantized MODEL (from "FP Quantize UNet") as an fpq file in ``models/fpq_unets``."""
+    """Save a quantized MODEL (from "FP Quantize UNet") as an fpq file, or export it in ComfyUI's own format."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -72,18 +74,35 @@ class SaveFPQuantizedUNet:
                 "model": ("MODEL", {"tooltip": "A MODEL from 'FP Quantize UNet' (before any LoRA)."}),
                 "filename_prefix": (
                     "STRING",
-                    {"default": "fpq_unet", "tooltip": f"File name in models/{FOLDER}/; a number is added."},
+                    {"default": "fpq_unet", "tooltip": "File name (a number is added)."},
                 ),
-            }
+            },
+            "optional": {
+                "format": (
+                    list(SAVE_FORMATS),
+                    {
+                        "default": "fpq",
+                        "tooltip": f"fpq: the exact quantized model, in models/{FOLDER}/, for 'Load FP Quantized "
+                        f"UNet'. comfy_quant: ComfyUI's native FP8 format (ComfyUI >= 0.8), in models/{NATIVE_FOLDER}/,"
+                        " for the plain 'Load Diffusion Model' node without fpq: FP8 Linear layers stay FP8 (one "
+                        "scale per tensor), everything else is stored as fp16.",
+                    },
+                ),
+            },
         }
 
     RETURN_TYPES = ()
     FUNCTION = "save"
     OUTPUT_NODE = True
     CATEGORY = "fpq"
-    DESCRIPTION = f"Save a quantized UNet to models/{FOLDER}/ (load it again with 'Load FP Quantized UNet')."
+    DESCRIPTION = (
+        f"Save a quantized UNet to models/{FOLDER}/ (load it again with 'Load FP Quantized UNet'), or export its FP8 "
+        f"layers in ComfyUI's native comfy_quant format to models/{NATIVE_FOLDER}/ (plain 'Load Diffusion Model')."
+    )
 
-    def save(self, model: Any, filename_prefix: str) -> dict[str, Any]:
+    def save(self, model: Any, filename_prefix: str, format: str = "fpq") -> dict[str, Any]:
+        if format not in SAVE_FORMATS:
+            raise NodeInputError(f"unknown format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
         prefix = filename_prefix.strip()
         if prefix.endswith(".safetensors"):
             prefix = prefix[: -len(".safetensors")]
@@ -92,11 +111,22 @@ class SaveFPQuantizedUNet:
                 f"filename_prefix {filename_prefix!r} is not a plain file name; use letters, digits, spaces, "
                 "'_', '-' and '.' (no folders)"
             )
-        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        folder = folder_paths.get_folder_paths(FOLDER if format == "fpq" else NATIVE_FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
         counter = 1
         while os.path.exists(path := os.path.join(folder, f"{prefix}_{counter:05d}.safetensors")):
             counter += 1
-        save_model(model, path)
-        logger.info("fpq: saved %s (%.1f MiB)", path, os.path.getsize(path) / 2**20)
-        return {"ui": {"text": [os.path.basename(path)]}}
+        if format == "fpq":
+            save_model(model, path)
+            logger.info("fpq: saved %s (%.1f MiB)", path, os.path.getsize(path) / 2**20)
+            return {"ui": {"text": [os.path.basename(path)]}}
+        counts = export_comfy_quant(model, path)
+        native = counts["native_exact"] + counts["native_requantized"]
+        note = (
+            f"{native} FP8 Linear layers native ({counts['native_requantized']} requantized to one scale per tensor, "
+            f"{counts['input_scales']} with input scales), {counts['dequantized']} layers stored as float"
+        )
+        if not comfy_quant_supported():
+            note += "; this ComfyUI is older than 0.8 and cannot load comfy_quant files itself"
+        logger.info("fpq: exported %s in comfy_quant format (%.1f MiB): %s", path, os.path.getsize(path) / 2**20, note)
+        return {"ui": {"text": [f"{os.path.basename(path)}: {note}"]}}

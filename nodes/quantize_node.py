@@ -8,13 +8,15 @@ from typing import Any
 
 from fpq_plugin.api import quantize_
 from fpq_plugin.fingerprint import fingerprint_module
+from fpq_plugin.method import METHOD_VERSION as FPQ_METHOD_VERSION
+from fpq_plugin.method import get_method_config, recipe_for
 from fpq_plugin.prompts import load_prompts, prompt_set_id
 from fpq_plugin.recipes import get_recipe
 
+from .calibration import method_summary, record_sampler_calls, run_method, timed
 from .comfy_integration import (
     NodeInputError,
     NodeProgress,
-    calibrate_input_ranges,
     check_float_model,
     format_counts,
     quant_cache,
@@ -26,19 +28,19 @@ logger = logging.getLogger("fpq")
 
 RECIPES = ("w8a8", "w4a8", "w4a16", "w8a16")
 
-# Calibration budget per quality preset: prompts from fpq's default set, sampler steps per prompt. Every preset
-# rounds to nearest for now; the learned-rounding method (fpq_plugin.method, same call shape as quantize_) will be
-# picked here per preset when it lands.
+# Quality presets: fpq's method preset (fast: format/scale search with round-to-nearest; standard / best: search
+# plus learned rounding, block by block), and the calibration it runs on: prompts from fpq's default set, sampler
+# steps per prompt, and how many of each run's UNet calls are kept (spread over the schedule).
 QUALITY_PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"prompts": 4, "steps": 4, "quantize_fn": quantize_},
-    "standard": {"prompts": 8, "steps": 8, "quantize_fn": quantize_},
-    "best": {"prompts": 16, "steps": 16, "quantize_fn": quantize_},
+    "fast": {"method": "fast", "prompts": 4, "steps": 4, "keep_steps": 4},
+    "standard": {"method": "standard", "prompts": 8, "steps": 8, "keep_steps": 4},
+    "best": {"method": "best", "prompts": 16, "steps": 16, "keep_steps": 8},
 }
 
-
-# How calibration samples (part of the cache key). Bump METHOD_VERSION when calibration changes its results.
+# How calibration samples (part of the cache key). Bump METHOD_VERSION when the node's calibration or its use of
+# the method changes results; fpq_plugin.method's own version is part of the key too.
 CALIBRATION_SAMPLER: dict[str, Any] = {"cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}
-METHOD_VERSION = "comfyui-calib-1"
+METHOD_VERSION = "comfyui-method-2"
 
 
 def _mib(n: int) -> str:
@@ -58,16 +60,25 @@ class FPQuantizeUNet:
                     {
                         "default": "w8a8",
                         "tooltip": "w8a8: FP8 weights and activations. w4a8: FP4 weights, FP8 activations. "
-                        "w4a16 / w8a16: weights only (no calibration, no CLIP needed).",
+                        "w4a16 / w8a16: weights only (with quality 'fast' they need no CLIP and no calibration).",
                     },
                 ),
                 "quality": (
                     list(QUALITY_PRESETS),
-                    {"default": "standard", "tooltip": "How much calibration runs (prompts x sampler steps)."},
+                    {
+                        "default": "standard",
+                        "tooltip": "fast: format and scale search, round-to-nearest (4 prompts x 4 steps). "
+                        "standard: plus learned rounding, block by block (8 prompts x 8 steps). best: longer learned "
+                        "rounding on more calibration (16 prompts x 16 steps). Runs once per model: the result is "
+                        "cached in models/fpq_cache.",
+                    },
                 ),
             },
             "optional": {
-                "clip": ("CLIP", {"tooltip": "Encodes the calibration prompts; needed by w8a8 and w4a8."}),
+                "clip": (
+                    "CLIP",
+                    {"tooltip": "Encodes the calibration prompts; needed by w8a8 and w4a8 and by quality standard/best."},
+                ),
                 "calibration_resolution": (
                     "INT",
                     {
@@ -105,46 +116,54 @@ class FPQuantizeUNet:
         preset = QUALITY_PRESETS[quality]
         rec = get_recipe(recipe)
         check_float_model(model)
-        if rec.quantizes_activations and clip is None:
+        if clip is None and rec.quantizes_activations:
             raise NodeInputError(
                 f"recipe {recipe} quantizes activations, so it calibrates on prompts: connect a CLIP to the 'clip' "
                 "input (the one you use for this model), or choose a weight-only recipe (w8a16, w4a16)"
             )
+        if clip is None and quality != "fast":
+            raise NodeInputError(
+                f"quality '{quality}' learns the weight rounding on calibration prompts: connect a CLIP to the 'clip' "
+                "input (the one you use for this model), or choose quality 'fast' (round-to-nearest, no calibration)"
+            )
         layer_names = quantizable_layers(model, rec)
-        calibrating = rec.quantizes_activations
-        prompts = load_prompts(limit=preset["prompts"]) if calibrating else []
-        progress = NodeProgress(len(prompts) * preset["steps"], len(layer_names))
-        timings = {"calibration": 0.0}
-
-        def calibrate() -> dict[str, list[float]]:
-            start = time.perf_counter()
-            ranges = calibrate_input_ranges(
-                model, clip, prompts, layer_names,
-                steps=preset["steps"], resolution=calibration_resolution, seed=seed, on_step=progress.step,
-                **CALIBRATION_SAMPLER,
-            )  # fmt: skip
-            timings["calibration"] = time.perf_counter() - start
-            return ranges
-
-        key_parts = {
-            "prompt_set": prompt_set_id(prompts) if calibrating else None,
-            "method_version": METHOD_VERSION,
-            "extra": {"front_door": "comfyui", "quality": quality},
-        }
+        calibrating = clip is not None
+        config = get_method_config(preset["method"])
         if calibrating:
-            key_parts["extra"].update(
-                steps=preset["steps"], resolution=calibration_resolution, seed=seed, **CALIBRATION_SAMPLER,
-                clip=fingerprint_module(clip.cond_stage_model),
+            method_recipe = recipe_for(rec, config)
+            prompts = load_prompts(limit=preset["prompts"])
+            progress = NodeProgress(len(prompts) * preset["steps"], len(layer_names))
+            quantize = self._method_quantizer(
+                model, clip, prompts, preset, config, method_recipe, layer_names, calibration_resolution, seed,
+                progress,
             )  # fmt: skip
+            key_parts = {
+                "prompt_set": prompt_set_id(prompts),
+                "method_version": f"{METHOD_VERSION}+method-{FPQ_METHOD_VERSION}",
+                "extra": {
+                    "front_door": "comfyui", "quality": quality, "method": config.name, "steps": preset["steps"],
+                    "keep_steps": preset["keep_steps"], "resolution": calibration_resolution, "seed": seed,
+                    **CALIBRATION_SAMPLER, "clip": fingerprint_module(clip.cond_stage_model),
+                },
+            }  # fmt: skip
+        else:  # weight-only, quality fast, no CLIP: data-free round-to-nearest
+            method_recipe = rec
+            progress = NodeProgress(0, len(layer_names))
+            quantize = self._data_free_quantizer(rec, progress)
+            key_parts = {
+                "prompt_set": None,
+                "method_version": f"{METHOD_VERSION}+data-free",
+                "extra": {"front_door": "comfyui", "quality": quality, "method": "data-free-nearest"},
+            }
         start = time.perf_counter()
         quantized, hit = quantized_copy(
-            model, rec, layer_names,
-            calibrate=calibrate if calibrating else None, quantize_fn=preset["quantize_fn"], progress=progress.layer,
-            cache=quant_cache(), cache_key_parts=key_parts,
-        )  # fmt: skip
+            model, method_recipe, layer_names, quantize=quantize, cache=quant_cache(), cache_key_parts=key_parts
+        )
         progress.finish()
+        info = quantized.model.fpq_method or {}
         logger.info(
-            "fpq: %s (%s): %d layers (%s) %s, model %s -> %s, calibration %.1f s, total %.1f s",
+            "fpq: %s (%s): %d layers (%s) %s, model %s -> %s, calibration %.1f s, total %.1f s; method %s, %d/%d "
+            "units learned their rounding",
             rec.name,
             quality,
             len(layer_names),
@@ -152,7 +171,45 @@ class FPQuantizeUNet:
             "loaded from the fpq cache" if hit else "quantized",
             _mib(model.model_size()),
             _mib(quantized.model_size()),
-            timings["calibration"],
+            0.0 if hit else info.get("calibration_s", 0.0),
             time.perf_counter() - start,
+            info.get("preset", "?"),
+            info.get("units_learned", 0),
+            info.get("units", 0),
         )
         return (quantized,)
+
+    @staticmethod
+    def _method_quantizer(model, clip, prompts, preset, config, recipe, layer_names, resolution, seed, progress):
+        """``quantize(diffusion_model, layer_names)``: record ComfyUI's sampler on the prompts, run the method."""
+
+        def quantize(diffusion_model: Any, names: list[str]) -> dict[str, Any]:
+            calls, calibration_s = timed(
+                lambda: record_sampler_calls(
+                    model, clip, prompts, steps=preset["steps"], keep_steps=preset["keep_steps"],
+                    resolution=resolution, seed=seed, on_step=progress.step, **CALIBRATION_SAMPLER,
+                )
+            )  # fmt: skip
+            report = run_method(
+                diffusion_model, recipe, calls, config, names, load_device=model.load_device,
+                offload_device=model.offload_device, progress=progress.quantize,
+            )  # fmt: skip
+            return {"calibration": preset, **method_summary(report, calls, calibration_s)}
+
+        return quantize
+
+    @staticmethod
+    def _data_free_quantizer(recipe, progress):
+        """``quantize(diffusion_model, layer_names)``: round-to-nearest with the recipe's weight scales, no data."""
+
+        def quantize(diffusion_model: Any, names: list[str]) -> dict[str, Any]:
+            wanted = set(names)
+            report, seconds = timed(
+                lambda: quantize_(
+                    diffusion_model, recipe, layer_filter=lambda n, _m: n in wanted, progress=progress.quantize
+                )
+            )
+            return {"preset": "data-free-nearest", "rounding": "nearest", "calls": 0, "units": 0,
+                    "units_learned": 0, "calibration_s": 0.0, "method_s": round(seconds, 3)}  # fmt: skip
+
+        return quantize

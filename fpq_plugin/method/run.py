@@ -161,16 +161,21 @@ def quantize_with_method(
         del collector
         t1 = time.perf_counter()
         report.phases["capture"] += t1 - t0
-        plans = {name: _search_layer(name, module, stats, recipe, config, report)
-                 for name, module in float_layers.items()}
+        plans = {}
+        for name, module in float_layers.items():
+            if progress is not None:  # also the cancel check between layers: a group's search can take minutes on CPU
+                progress(done, len(units), name)
+            plans[name] = _search_layer(name, module, stats, recipe, config, report)
         del stats
         report.phases["search"] += time.perf_counter() - t1
         for unit in group:
             unit_result: dict[str, Any] = {"unit": unit.name, "layers": len(unit.layers), "block": unit.is_block}
             if learn:
                 t2 = time.perf_counter()
+                # The progress callback doubles as the cancel check every 50 rounding iterations.
+                should_stop = (lambda d=done, n=unit.name: progress(d, len(units), n)) if progress else None
                 unit_result.update(_learn_unit(model, fp_model, unit, float_layers, plans, q_io, calls, config,
-                                               device, generator))
+                                               device, generator, should_stop))
                 report.phases["rounding"] += time.perf_counter() - t2
             for name in unit.layers:
                 layer = build_quantized_layer(float_layers[name], plans[name], name=name)
@@ -234,7 +239,8 @@ def _group_units(model: nn.Module, units: list[Unit], config: MethodConfig, budg
     return groups
 
 
-def _learn_unit(model, fp_model, unit, float_layers, plans, q_io, calls, config, device, generator):
+def _learn_unit(model, fp_model, unit, float_layers, plans, q_io, calls, config, device, generator,
+                should_stop=None):
     """Learned rounding of one unit; updates ``plans`` with the hardened codes."""
     fp_io = capture_unit_io(fp_model, unit.name, calls, outputs=True, device=device)
     soft_layers = {}
@@ -257,7 +263,7 @@ def _learn_unit(model, fp_model, unit, float_layers, plans, q_io, calls, config,
         soft.v.requires_grad_(True)
     try:
         result = reconstruct(unit_module, list(soft_layers.values()), (q_io.args, q_io.kwargs), fp_io.outputs,
-                             config, generator=generator)
+                             config, generator=generator, should_stop=should_stop)
         if result["learned"] > result["nearest"]:
             # Too few iterations to beat round-to-nearest on this unit: keep nearest rather than ship a regression.
             set_nearest(list(soft_layers.values()))

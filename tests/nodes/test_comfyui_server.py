@@ -76,8 +76,11 @@ class Comfy:
     def submit(self, graph: dict) -> tuple[int, Any]:
         return self.request("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
 
-    def run(self, graph: dict, timeout: float = 120) -> dict:
-        """Queue ``graph`` and wait for its history entry (whatever its outcome)."""
+    def run(self, graph: dict, timeout: float = 1500) -> dict:
+        """Queue ``graph`` and wait for its history entry (whatever its outcome).
+
+        The timeout is long: a graph whose "FP Quantize UNet" builds runs fpq's method on the CPU (minutes).
+        """
         status, body = self.submit(graph)
         assert status == 200, f"prompt rejected ({status}): {json.dumps(body)[:2000]}"
         prompt_id = body["prompt_id"]
@@ -91,10 +94,10 @@ class Comfy:
             time.sleep(0.1)
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s; server log: {self.log}")
 
-    def image(self, graph: dict) -> tuple[np.ndarray, float]:
+    def image(self, graph: dict, timeout: float = 1500) -> tuple[np.ndarray, float]:
         """Run a graph ending in SaveImage node "9"; returns its image (uint8 HxWx3) and the wall time."""
         start = time.perf_counter()
-        entry = self.run(graph)
+        entry = self.run(graph, timeout)
         seconds = time.perf_counter() - start
         assert entry["status"]["status_str"] == "success", _error_text(entry)
         info = entry["outputs"]["9"]["images"][0]
@@ -147,6 +150,13 @@ def _free_port() -> int:
 def comfy(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("comfy")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # keep __pycache__ out of the ComfyUI checkout
+    # The server imports fpq_plugin from this checkout, even when ComfyUI's environment has another copy installed
+    # (an editable install of a different worktree, say). Only the package goes on the path, through a folder
+    # holding a link to it: the repository root itself must not, as its nodes/ would shadow ComfyUI's nodes.py.
+    shim = base / "pythonpath"
+    shim.mkdir()
+    (shim / "fpq_plugin").symlink_to(REPO / "fpq_plugin", target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
     # One torch thread: on a busy 2-core machine, two threads competing with other jobs ran ten times slower.
     env.setdefault("OMP_NUM_THREADS", "1")
     subprocess.run(
@@ -241,6 +251,9 @@ def test_nodes_are_registered(comfy: Comfy) -> None:
     assert required["recipe"][0] == ["w8a8", "w4a8", "w4a16", "w8a16"]
     assert required["quality"][0] == ["fast", "standard", "best"]
     assert "clip" in info["FPQuantizeUNet"]["input"]["optional"]
+    assert info["FPQSaveQuantizedUNet"]["input"]["optional"]["format"][0] == ["fpq", "comfy_quant"]
+    # The server runs this checkout's fpq_plugin (not another copy installed in ComfyUI's environment).
+    assert f"fpq: nodes use fpq_plugin from {REPO / 'fpq_plugin'}" in comfy.log.read_text()
 
 
 def test_quantized_graph_is_close_to_plain_and_leaves_it_unchanged(comfy: Comfy) -> None:
@@ -382,3 +395,150 @@ def test_interrupt_stops_quantization_and_the_server_carries_on(comfy: Comfy) ->
     assert comfy.quantize_runs() == (built, hits), "an interrupted quantization must not produce a model"
     image, _ = comfy.image(t2i_graph(quantize={}, prefix="after_interrupt"))
     assert image.shape == (64, 64, 3)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two 8-bit images."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _cache_entry_method(comfy: Comfy) -> dict[str, Any]:
+    """The ``fpq_method`` summary in the header of the newest fpq cache entry (what the node built last)."""
+    from fpq_plugin.io import read_header
+
+    entries = sorted((comfy.base / "models" / "fpq_cache").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    assert entries, "the node wrote no cache entry"
+    return read_header(entries[-1]).extra["fpq_method"]
+
+
+def test_w4_recipes(comfy: Comfy) -> None:
+    """w4a8 calibrated with fpq's method on ComfyUI's sampler (quality fast), and w4a16 without a CLIP."""
+    plain, _ = comfy.image(t2i_graph(prefix="plain"))
+    w4a8, t_w4a8 = comfy.image(t2i_graph(quantize={"recipe": "w4a8"}, prefix="w4a8"))
+    w4a8_report = comfy.node_reports()[-1]
+    method = _cache_entry_method(comfy)
+    graph = t2i_graph(quantize={"recipe": "w4a16"}, prefix="w4a16")
+    del graph["10"]["inputs"]["clip"]  # weight-only with quality fast: no calibration, no CLIP
+    w4a16, t_w4a16 = comfy.image(graph)
+    w4a16_report = comfy.node_reports()[-1]
+    for name, image, seconds, report in (("w4a8", w4a8, t_w4a8, w4a8_report), ("w4a16", w4a16, t_w4a16, w4a16_report)):
+        mean, peak = diff(plain, image)
+        print(
+            f"\n{name} ({report['quality']}): graph {seconds:.1f} s, node {report['total_s']:.1f} s; UNet "
+            f"{report['float_mib']} -> {report['quantized_mib']} MiB; image diff mean {mean:.2f} max {peak}, PSNR vs "
+            f"float {psnr(plain, image):.1f} dB"
+        )
+        assert not report["hit"]
+        assert 0 < mean < 20, f"a {name} image should differ from full precision, moderately"
+        assert report["quantized_mib"] < 0.2 * report["float_mib"], f"{name} should store about 1/8 of fp32 bytes"
+    print(f"w4a8 fast: sampling {method['calibration_s']:.1f} s, method {method['method_s']:.1f} s "
+          f"{method['phases_s']}; formats {method['formats']}")  # fmt: skip
+    assert method["preset"] == "fast" and method["rounding"] == "nearest"
+    assert method["calls"] == 4 * 4, "4 prompts x 4 steps of ComfyUI's sampler, all kept"
+    assert set(method["formats"]) <= {"e2m1", "e3m0", "e1m2"} and sum(method["formats"].values()) == 118
+
+
+@pytest.mark.slow
+def test_standard_quality_learns_the_rounding(comfy: Comfy) -> None:
+    """Quality standard: search plus learned rounding; it must beat round-to-nearest on the same model and data.
+
+    Slow: the method's learned rounding takes tens of minutes on a CPU even for the test UNet (it is sized for a
+    GPU), so this runs with the slow tests.
+    """
+    plain, _ = comfy.image(t2i_graph(prefix="plain"))
+    learned, _ = comfy.image(
+        t2i_graph(quantize={"recipe": "w4a8", "quality": "standard"}, prefix="w4a8_std"), timeout=3600
+    )
+    report = comfy.node_reports()[-1]
+    method = _cache_entry_method(comfy)
+    print(
+        f"\nw4a8 standard: node {report['total_s']:.1f} s (sampling {method['calibration_s']:.1f} s, {method['calls']} "
+        f"calls kept; method {method['method_s']:.1f} s {method['phases_s']}); {method['units_learned']}/"
+        f"{method['units']} units kept learned rounding; summed unit-output error: nearest "
+        f"{method['unit_error_nearest']:.4g} -> {method['unit_error_kept']:.4g}; PSNR vs float "
+        f"{psnr(plain, learned):.1f} dB"
+    )
+    # The cache entry records what ran; learned rounding has to beat round-to-nearest on the same model and data.
+    assert not report["hit"] and report["quality"] == "standard"
+    assert method["preset"] == "standard" and method["rounding"] == "learned" and method["rounding_iters"] > 0
+    assert method["calls"] == 8 * 4, "8 prompts x 4 kept steps of ComfyUI's sampler"
+    assert method["units_learned"] > method["units"] // 2, "learned rounding should beat nearest on most units"
+    assert method["unit_error_kept"] < 0.9 * method["unit_error_nearest"], "learning should cut the unit error"
+
+
+def test_comfy_quant_export_loads_in_plain_comfyui(comfy: Comfy) -> None:
+    if not (Path(COMFYUI_PATH) / "comfy" / "quant_ops.py").is_file():
+        pytest.skip("this ComfyUI predates comfy_quant checkpoints (needs >= 0.8)")
+    from safetensors import safe_open
+
+    plain, _ = comfy.image(t2i_graph(prefix="plain"))
+    quant, _ = comfy.image(t2i_graph(quantize={}, prefix="w8a8"))
+    save = {k: v for k, v in t2i_graph(quantize={}).items() if k in ("1", "2", "10")}
+    save["20"] = {"class_type": "FPQSaveQuantizedUNet",
+                  "inputs": {"model": ["10", 0], "filename_prefix": "native", "format": "comfy_quant"}}  # fmt: skip
+    entry = comfy.run(save)
+    assert entry["status"]["status_str"] == "success", _error_text(entry)
+    files = sorted((comfy.base / "models" / "diffusion_models").glob("native_*.safetensors"))
+    assert files, "the comfy_quant export wrote no file into models/diffusion_models"
+    with safe_open(str(files[-1]), framework="pt") as fh:
+        keys = list(fh.keys())
+        markers = [k for k in keys if k.endswith(".comfy_quant")]
+        fp8 = [k for k in markers if fh.get_tensor(k[: -len("comfy_quant")] + "weight").dtype == torch_fp8()]
+        assert "_quantization_metadata" in fh.metadata()
+    assert markers and len(fp8) == len(markers), "every comfy_quant layer should hold a float8_e4m3fn weight"
+    assert not any(k.endswith(("weight_codes", "weight_scale_2")) for k in keys), "no fpq-only tensors"
+
+    # ComfyUI's own UNETLoader (no fpq node in the graph) loads it as a mixed-precision model and generates.
+    log_before = len(comfy.log.read_text())
+    graph = t2i_graph(prefix="native")
+    graph["1"]["inputs"]["unet_name"] = files[-1].name
+    native, seconds = comfy.image(graph)
+    log = comfy.log.read_text()[log_before:]
+    assert "unet missing" not in log and "unet unexpected" not in log, log[-3000:]
+    size_mib = files[-1].stat().st_size / 2**20
+    float_mib = (comfy.base / "models" / "diffusion_models" / UNET).stat().st_size / 2**20
+    to_fpq, _ = diff(quant, native)
+    to_plain, peak = diff(plain, native)
+    print(
+        f"\ncomfy_quant export {files[-1].name}: {size_mib:.1f} MiB (fp16 {float_mib:.1f} MiB), {len(markers)} FP8 "
+        f"Linear layers; UNETLoader + generate {seconds:.1f} s; image vs fpq w8a8 mean {to_fpq:.2f}, vs float mean "
+        f"{to_plain:.2f} max {peak} (PSNR {psnr(plain, native):.1f} dB)"
+    )
+    assert size_mib < 0.85 * float_mib, "the FP8 Linear weights should make the file smaller than fp16"
+    assert 0 < to_plain < 8, "the natively loaded FP8 model should be close to, not equal to, the float model"
+
+
+def torch_fp8() -> Any:
+    import torch
+
+    return torch.float8_e4m3fn
+
+
+def test_interrupt_during_the_method_stops_it_quickly(comfy: Comfy) -> None:
+    built, hits = comfy.quantize_runs()
+    cache = comfy.base / "models" / "fpq_cache"
+    entries = set(cache.glob("*.safetensors"))
+    locks = set(cache.glob("*.lock"))
+    # w8a16 with a CLIP: the method calibrates (4 prompts x 4 steps, a few seconds here), then searches every layer's
+    # scales (about a minute and a half on this CPU). Interrupt well inside the method phase.
+    status, body = comfy.submit(t2i_graph(quantize={"recipe": "w8a16"}, prefix="interrupted_method"))
+    assert status == 200
+    deadline = time.monotonic() + 60
+    while not set(cache.glob("*.lock")) - locks and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(20)
+    comfy.request("/interrupt", {})
+    asked = time.monotonic()
+    history: dict = {}
+    while time.monotonic() < asked + 120:
+        _, history = comfy.request(f"/history/{body['prompt_id']}")
+        if history and body["prompt_id"] in history:
+            break
+        time.sleep(0.2)
+    stopped_after = time.monotonic() - asked
+    print(f"\ninterrupted inside the method: stopped {stopped_after:.1f} s after the request")
+    messages = [kind for kind, _ in history[body["prompt_id"]]["status"]["messages"]]
+    assert "execution_interrupted" in messages
+    assert stopped_after < 60, "the method should notice the cancel button between layers"
+    assert comfy.quantize_runs() == (built, hits) and set(cache.glob("*.safetensors")) == entries
