@@ -11,6 +11,8 @@ Fast GPU kernels register themselves here (see :mod:`fpq_plugin.kernels`), so th
 from __future__ import annotations
 
 import logging
+import warnings
+import weakref
 
 import torch
 
@@ -23,6 +25,8 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, object] = {}
 AUTO_ORDER: list[str] = []
 _warned: set[tuple[str, str]] = set()
+# layer -> ((device, dtype, len(AUTO_ORDER)), bound method): outside the module, so pickling/deepcopy never see it
+_AUTO_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_backend(backend: object, *, auto_priority: int | None = None) -> None:
@@ -57,20 +61,55 @@ def _load_optional_backends() -> None:
     register_kernel_backends()
 
 
+def _auto_pick(layer, x: torch.Tensor):
+    """The first backend of :data:`AUTO_ORDER` that supports this call, with the one-time fallback messages."""
+    for name in AUTO_ORDER:
+        backend = BACKENDS[name]
+        reason = backend.supports(layer, x)
+        if reason is None:
+            return backend
+        if (name, reason) in _warned:
+            continue
+        _warned.add((name, reason))
+        # A missing capability of this machine (old GPU, no triton) deserves a warning the user sees once; a layer
+        # the backend does not cover (weight-only layer on the fp8 backend) is by design and only logged.
+        available = getattr(backend, "available", None)
+        if x.is_cuda and available is not None and available(x) is not None:
+            warnings.warn(
+                f"fpq: backend 'auto' is not using the {name!r} backend on this machine: {reason}; "
+                "falling back to a slower path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        else:
+            logger.info("fpq: not using the %s backend: %s", name, reason)
+    raise LayerQuantizationError(f"no backend can run {layer!r} on {x.device}")  # dequant always can
+
+
 def dispatch(layer, x: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``x`` with the backend it names."""
     if layer.backend == "auto":
+        if torch.compiler.is_compiling():
+            # the eager pick, kept as a plain string on the layer: Dynamo reads it as a constant, where the
+            # capability checks and the weak cache below would break the graph
+            name = getattr(layer, "_fpq_auto_backend", None)
+            backend = BACKENDS[name] if name in BACKENDS else _auto_pick(layer, x)
+            return getattr(backend, layer.kind)(layer, x)
+        # The choice depends only on the layer (fixed formats) and the input's device and dtype: remember it per
+        # layer, so an eager call pays one dict lookup instead of every backend's checks (~1000 calls per UNet step).
+        key = (x.device, x.dtype, len(AUTO_ORDER))
+        hit = _AUTO_CACHE.get(layer)
+        if hit is not None and hit[0] == key:
+            return hit[1](layer, x)
         if x.is_cuda:
             _load_optional_backends()
-        for name in AUTO_ORDER:
-            backend = BACKENDS[name]
-            reason = backend.supports(layer, x)
-            if reason is None:
-                return getattr(backend, layer.kind)(layer, x)
-            if (name, reason) not in _warned:
-                _warned.add((name, reason))
-                logger.info("fpq: not using the %s backend: %s", name, reason)
-        raise LayerQuantizationError(f"no backend can run {layer!r} on {x.device}")  # dequant always can
+            key = (x.device, x.dtype, len(AUTO_ORDER))
+        backend = _auto_pick(layer, x)
+        fn = getattr(backend, layer.kind)
+        _AUTO_CACHE[layer] = (key, fn)
+        if x.is_cuda:  # for torch.compile of this (GPU) model later
+            layer._fpq_auto_backend = backend.name
+        return fn(layer, x)
     backend = get_backend(layer.backend)
     reason = backend.supports(layer, x)
     if reason is not None:

@@ -7,6 +7,14 @@
     per-channel scale and bias in the epilogue. ``fp8_linear_reference`` defines the exact semantics on any
     device.
 
+``fpq_plugin.kernels.qops``
+    Memory-bound helpers that let cuBLAS/cuDNN run quantized layers: per-call weight decode (16/256-entry table,
+    scales folded in) and the one-pass static-scale activation cast, with pure-PyTorch references.
+
+``fpq_plugin.kernels.backend``
+    The ``fp8`` (sm_89+, FP8 tensor cores for Linear) and ``decode`` (any CUDA GPU) backends, registered for
+    ``backend='auto'`` by :func:`register_kernel_backends` (the dispatcher calls it on the first CUDA input).
+
 Nothing here imports Triton at import time: ``import fpq_plugin`` stays cheap and works without Triton or a GPU.
 Import the submodule when you need it (``from fpq_plugin.kernels import fp8_linear``); it, too, only imports
 Triton on the first kernel call.
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["triton_available"]
+__all__ = ["register_kernel_backends", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -25,3 +33,11 @@ def triton_available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
+
+
+def register_kernel_backends() -> None:
+    """Register the GPU backends (``fp8``, ``decode``) for ``backend='auto'``; called by the dispatcher on the first
+    CUDA input. Imports neither Triton nor CUDA."""
+    from fpq_plugin.kernels.backend import register_kernel_backends as _register
+
+    _register()

@@ -1,0 +1,444 @@
+"""GPU backends for quantized layers, registered into :mod:`fpq_plugin.backends` by :func:`register_kernel_backends`.
+
+``auto`` tries, in order (the first whose ``supports`` says yes runs the call):
+
+``fp8`` (CUDA, compute capability >= 8.9: Ada, Hopper, Blackwell)
+    Linear layers with FP8 activations and e4m3fn or FP4 (e2m1/e3m0/e1m2) weights on the FP8 tensor cores.
+    ``method="cublas"`` (default where the shapes allow): one-pass Triton activation cast with the static scale,
+    then ``torch._scaled_mm`` with the per-channel scale (times the activation scale) in its epilogue; 4-bit weights
+    are first decoded into a transient fp8 ``(N, K)`` tensor. ``method="fused"``: the Triton kernel of
+    :mod:`fpq_plugin.kernels.fp8_linear` that casts the activation while loading its tile (one launch, but slower
+    on the device: see benchmarks/NOTES_GPU.md). Conv2d layers (no FP8 convolution kernel yet) run the ``decode``
+    path below.
+``decode`` (any CUDA GPU with Triton: Ampere and newer for bf16)
+    Weights decoded per call (Triton, 16/256-entry table, per-channel scale and the activation scale folded in) into
+    a transient tensor of the input's dtype; FP8 activations rounded through their grid in one Triton pass (the grid
+    values are exact in bf16/fp16); then cuBLAS / cuDNN. Numerically the quantized layer up to the bf16 rounding of
+    the decoded weight (2^-9 relative) and of the output. This is the W4A16/W8A16 path on GPUs without FP8.
+``dequant`` (everything else, the CPU included): see :mod:`fpq_plugin.backends.dequant`.
+
+Under ``torch.compile`` both GPU backends trace a pure-PyTorch version of the same arithmetic (no raw Triton
+launches, which would break the graph): Inductor then fuses the activation cast into the producing op.
+
+Per-layer state (decode tables, fp8 weight views, scale vectors) is built on first use and kept in a plain
+attribute of the layer, keyed on the buffers' identity and version, so a reloaded or re-calibrated layer rebuilds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from fpq_plugin.formats import FP8_COMPATIBLE_4BIT
+
+logger = logging.getLogger(__name__)
+
+_FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+_FLOAT_X = (torch.bfloat16, torch.float16, torch.float32)
+
+# "auto" | "cublas" | "fused": how the fp8 backend runs a Linear (benchmarks/bench_unet.py compares them).
+FP8_LINEAR_METHOD = "auto"
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, cached (tests monkeypatch this to fake a GPU)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return cap
+
+
+_TRITON: list[bool] = []
+
+
+def _triton_ok() -> bool:
+    if not _TRITON:  # asked once: find_spec is slow and not traceable
+        from fpq_plugin.kernels import triton_available
+
+        _TRITON.append(triton_available())
+    return _TRITON[0]
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-layer prepared state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _key(layer) -> tuple:
+    # storage address + in-place version of every buffer the state is derived from (a new device means a new
+    # address); checked on every call, so read straight from the module's dicts (nn.Module.__getattr__ is slow)
+    b = layer._buffers
+    ts = (b.get("weight_codes"), b.get("weight_scale"), b.get("weight_zero_point"), b.get("input_scale"),
+          layer._parameters.get("bias"))
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in ts)
+
+
+class _State:
+    """What a layer's fast paths need, built once from its buffers."""
+
+    def __init__(self, layer):
+        self.key = _key(layer)
+        dev = layer.weight_codes.device
+        wf = layer.weight_format
+        self.bits4 = layer.packed
+        self.k = layer.reduction
+        self.n = layer.out_features
+        # fp32 value of every code: the float decode table (16 or 256 entries; NaN codes never occur in weights)
+        self.table = wf.code_values().to(dev)
+        self.zp = layer.weight_zero_point
+        self.ws = layer.weight_scale.reshape(-1).contiguous()
+        self.xs = layer.input_scale
+        self.act_dtype = _FP8.get(layer.input_format.name) if layer.input_format is not None else None
+        self.bias = layer.bias
+        self.bias_by_dtype: dict[torch.dtype, torch.Tensor] = {}
+        # FP8 tensor-core operands (Linear with FP8-compatible weights only)
+        self.w8 = None  # (N, K) float8_e4m3fn view of 8-bit codes
+        self.lut8 = None  # uint8 (16,): e4m3 bit pattern of each 4-bit code
+        if wf.name == "e4m3fn":
+            self.w8 = layer.weight_codes.view(torch.float8_e4m3fn)
+        elif wf.name in FP8_COMPATIBLE_4BIT:
+            self.lut8 = self.table.to(torch.float8_e4m3fn).view(torch.uint8)
+        if self.xs is not None:
+            # _scaled_mm's rowwise epilogue: acc * scale_a[m] * scale_b[n], with scale_a = 1 and
+            # scale_b = x_scale * w_scale[n], the same fp32 product the reference multiplies by
+            self.scale_b = (self.xs.float() * self.ws).expand(self.n).reshape(1, self.n).contiguous()
+        self.ones: dict[int, torch.Tensor] = {}
+        self.plan = None  # fp8_linear.LinearPlan, made on the first fused call
+        self.cublas_bad: set[int] = set()  # M values _scaled_mm refused
+        # Cached direct kernel launches (qops.Launch), made by the first call of each kind: the eager UNet is
+        # launch-bound on slow hosts, so a repeat call should cost a few C calls, not Triton's binder.
+        self.q_launch: dict[tuple, object] = {}  # (numel, grid_out) -> activation-cast launch
+        self.dec_launch: dict[torch.dtype, tuple] = {}  # out dtype -> (launch, args before out, args after out)
+        self.dev = dev.index if dev.type == "cuda" else None
+
+    def bias_as(self, dtype):
+        if self.bias is None:
+            return None
+        b = self.bias_by_dtype.get(dtype)
+        if b is None:
+            b = self.bias_by_dtype[dtype] = self.bias.to(dtype)
+        return b
+
+    def ones_m(self, m: int, dev) -> torch.Tensor:
+        o = self.ones.get(m)
+        if o is None:
+            o = self.ones[m] = torch.ones((m, 1), dtype=torch.float32, device=dev)
+        return o
+
+
+# layer -> _State; outside the module so that pickling, deepcopy and state_dict never see it
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(layer) -> _State:
+    st = _STATES.get(layer)
+    if st is None or st.key != _key(layer):
+        st = _STATES[layer] = _State(layer)
+    return st
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure-PyTorch versions (traced by torch.compile; also what the Triton paths are tested against)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# These read only the layer's buffers and its format's constants (no per-layer state, no weak dictionaries), so
+# Dynamo traces them into one graph; Inductor fuses the decode and the activation cast into neighbouring kernels.
+
+
+def _codes_torch(layer) -> torch.Tensor:
+    codes = layer.weight_codes
+    if layer.packed:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)[:, : layer.reduction]
+    return codes
+
+
+def _values_torch(layer, codes: torch.Tensor) -> torch.Tensor:
+    """fp32 value of each code, from the format's bit fields (elementwise arithmetic, no table)."""
+    fmt = layer.weight_format
+    if fmt.kind == "int":
+        v = codes.float()
+    elif fmt.name in _FP8:  # the hardware formats: a reinterpretation
+        v = codes.view(_FP8[fmt.name]).float()
+    else:  # specials "none" (FP4 grids, e3m4, e2m5): every code is a number
+        e, m, bias = fmt.exp_bits, fmt.man_bits, fmt.bias
+        c = codes.to(torch.int32)
+        f = (c & ((1 << m) - 1)).float() * (2.0**-m)
+        p = (c >> m) & ((1 << e) - 1)
+        mag = torch.where(p == 0, f * (2.0 ** (1 - bias)), torch.exp2(p.float() - bias) * (1.0 + f))
+        v = torch.where((c >> (e + m)) == 1, -mag, mag)
+    if layer.weight_zero_point is not None:
+        v = v - layer.weight_zero_point.reshape(-1, 1)
+    return v
+
+
+def _decode_float_torch(layer, dtype, fold_xs: bool) -> torch.Tensor:
+    s = layer.weight_scale.reshape(-1, 1)
+    if fold_xs:
+        s = s * layer.input_scale
+    return (_values_torch(layer, _codes_torch(layer)) * s).to(dtype)
+
+
+def _decode_fp8_torch(layer) -> torch.Tensor:
+    codes = layer.weight_codes
+    if layer.weight_format.name == "e4m3fn":
+        return codes.view(torch.float8_e4m3fn)
+    return _values_torch(layer, _codes_torch(layer)).to(torch.float8_e4m3fn)  # FP4 values are exact in e4m3
+
+
+def _quant_torch(x, layer):
+    act = _FP8[layer.input_format.name]
+    fmax = _FMAX[act]
+    return (x.float() * torch.reciprocal(layer.input_scale)).clamp(-fmax, fmax).to(act)
+
+
+def _fp8_linear_torch(layer, x: torch.Tensor) -> torch.Tensor:
+    k, n = layer.reduction, layer.out_features
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    if layer.input_format.name == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
+        scale_b = (layer.input_scale * layer.weight_scale).expand(n).reshape(1, n)
+        y = torch._scaled_mm(_quant_torch(x2, layer), _decode_fp8_torch(layer).t(),
+                             scale_a=torch.ones((m, 1), device=x.device), scale_b=scale_b, bias=bias,
+                             out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    return _decode_linear_torch(layer, x)
+
+
+def _decode_linear_torch(layer, x):
+    fold = layer.input_format is not None
+    xq = _quant_torch(x, layer).to(x.dtype) if fold else x
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(xq, _decode_float_torch(layer, x.dtype, fold), bias)
+
+
+def _decode_conv_torch(layer, x):
+    fold = layer.input_format is not None
+    xq = _quant_torch(x, layer).to(x.dtype) if fold else x
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    w = _decode_float_torch(layer, x.dtype, fold).reshape(layer.weight_shape)
+    return F.conv2d(xq, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eager launches through the per-layer cache
+# ----------------------------------------------------------------------------------------------------------------
+
+_qops = None
+
+
+def _ops():
+    global _qops
+    if _qops is None:
+        from fpq_plugin.kernels import qops
+
+        _qops = qops
+    return _qops
+
+
+def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
+    """fp8(x / x_scale), as fp8 or (grid_out) as grid values in x's dtype; same layout as x."""
+    n = x.numel()
+    launch = st.q_launch.get((n, grid_out, x.dtype))
+    if launch is not None and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        q = torch.empty_like(x) if grid_out else torch.empty(x.shape, dtype=st.act_dtype, device=x.device)
+        launch(st.dev, x, q, st.xs, n)
+        return q
+    out: list = []
+    fn = _ops().fake_quantize_grid if grid_out else _ops().quantize_fp8
+    q = fn(x, st.xs, st.act_dtype, launch_out=out)
+    if out and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        st.q_launch[(n, grid_out, x.dtype)] = out[0]
+    return q
+
+
+def _decode(layer, st: _State, dtype: torch.dtype, fold: bool) -> torch.Tensor:
+    """The layer's weight decoded into a fresh (N, K) tensor: dtype uint8 = e4m3 bit patterns of 4-bit codes,
+    else values with the scales (and, fold, the activation scale) applied."""
+    hit = st.dec_launch.get(dtype)
+    out = torch.empty((st.n, st.k), dtype=dtype, device=layer.weight_codes.device)
+    if hit is not None:
+        launch, pre, post = hit
+        launch(st.dev, *pre, out, *post)
+        return out
+    lo: list = []
+    if dtype == torch.uint8:
+        _ops().decode_weight(layer.weight_codes, st.k, st.lut8, bits4=True, dtype=dtype, out=out, launch_out=lo)
+    else:
+        _ops().decode_weight(layer.weight_codes, st.k, st.table, st.ws, st.zp, st.xs if fold else None,
+                             bits4=st.bits4, dtype=dtype, out=out, launch_out=lo)
+    if lo:
+        launch, args = lo[0]
+        st.dec_launch[dtype] = (launch, args[:5], args[6:])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DecodeBackend:
+    """Per-call weight decode into the input's dtype + cuBLAS/cuDNN (any CUDA GPU)."""
+
+    name = "decode"
+
+    def available(self, x: torch.Tensor) -> str | None:
+        """Why this machine cannot run the backend at all (None: it can)."""
+        return None if _triton_ok() else "triton is not installed"
+
+    def supports(self, layer, x: torch.Tensor) -> str | None:
+        if not x.is_cuda:
+            return f"input is on {x.device.type}, not a CUDA GPU"
+        if x.dtype not in _FLOAT_X:
+            return f"input dtype {x.dtype} is not bf16/fp16/fp32"
+        if layer.input_format is not None and layer.input_format.name not in _FP8:
+            return f"activation format {layer.input_format.name} is not FP8 (INT8 activations run on 'dequant')"
+        if not _triton_ok():
+            return "triton is not installed"
+        return None
+
+    def _weight(self, layer, st, dtype):
+        return _decode(layer, st, dtype, st.act_dtype is not None)
+
+    def _input(self, layer, st, x):
+        if st.act_dtype is None:
+            return x
+        return _cast(x, st, True)
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return _decode_linear_torch(layer, x)
+        st = _state(layer)
+        return F.linear(self._input(layer, st, x), self._weight(layer, st, x.dtype), st.bias_as(x.dtype))
+
+    def conv2d(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return _decode_conv_torch(layer, x)
+        st = _state(layer)
+        w = self._weight(layer, st, x.dtype).view(layer.weight_shape)
+        return F.conv2d(self._input(layer, st, x), w, st.bias_as(x.dtype), layer.stride, layer.padding,
+                        layer.dilation, layer.groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp8 backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cublas_shape_ok(m: int, n: int, k: int) -> bool:
+    # torch._scaled_mm wants K and N multiples of 16 (16-byte rows of fp8); M is unrestricted here but a ragged M
+    # (cross-attention K/V: 2 x 77 rows) is tried once and remembered if refused.
+    return k % 16 == 0 and n % 16 == 0
+
+
+class Fp8Backend:
+    """FP8 tensor cores for Linear (sm_89+); Conv2d through the ``decode`` path."""
+
+    name = "fp8"
+
+    def __init__(self, decode: DecodeBackend):
+        self._decode = decode
+        self._conv_note = False
+
+    def available(self, x: torch.Tensor) -> str | None:
+        """Why this machine cannot run the backend at all (None: it can)."""
+        cap = device_capability(x.device)
+        if cap < (8, 9):
+            return f"GPU compute capability {cap[0]}.{cap[1]} has no FP8 tensor cores (needs 8.9+)"
+        return None if _triton_ok() else "triton is not installed"
+
+    def supports(self, layer, x: torch.Tensor) -> str | None:
+        if not x.is_cuda:
+            return f"input is on {x.device.type}, not a CUDA GPU"
+        cap = device_capability(x.device)
+        if cap < (8, 9):
+            return f"GPU compute capability {cap[0]}.{cap[1]} has no FP8 tensor cores (needs 8.9+)"
+        if layer.input_format is None:
+            return "weight-only layer (no activation quantizer): the FP8 tensor cores need FP8 activations"
+        if layer.input_format.name not in _FP8:
+            return f"activation format {layer.input_format.name} is not FP8"
+        wf = layer.weight_format.name
+        if wf != "e4m3fn" and wf not in FP8_COMPATIBLE_4BIT:
+            return f"weight format {wf} has no FP8 tensor-core path (e4m3fn, e2m1, e3m0, e1m2 do)"
+        if x.dtype not in _FLOAT_X:
+            return f"input dtype {x.dtype} is not bf16/fp16/fp32"
+        if not _triton_ok():
+            return "triton is not installed"
+        return None
+
+    def conv2d(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return _decode_conv_torch(layer, x)
+        if not self._conv_note:
+            self._conv_note = True
+            logger.info("fpq: fp8 backend: Conv2d layers run the 'decode' path (bf16 convolution on FP8-rounded "
+                        "inputs); there is no FP8 convolution kernel yet")
+        return self._decode.conv2d(layer, x)
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return _fp8_linear_torch(layer, x)
+        st = _state(layer)
+        k = st.k
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        use_cublas = (
+            FP8_LINEAR_METHOD != "fused" and st.act_dtype == torch.float8_e4m3fn and _cublas_shape_ok(m, st.n, k)
+            and m not in st.cublas_bad
+        )
+        if use_cublas:
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            q = _cast(x2, st, False)
+            w = st.w8
+            if w is None:
+                w = _decode(layer, st, torch.uint8, False).view(torch.float8_e4m3fn)
+            try:
+                y = torch._scaled_mm(q, w.t(), scale_a=st.ones_m(m, x.device), scale_b=st.scale_b,
+                                     bias=st.bias_as(x.dtype), out_dtype=x.dtype)
+            except RuntimeError as e:  # a shape cuBLAS/CUTLASS refuses: remember, use the fused kernel for it
+                st.cublas_bad.add(m)
+                logger.info("fpq: fp8 backend: _scaled_mm refused M=%d N=%d K=%d (%s); using the fused kernel",
+                            m, st.n, k, str(e).splitlines()[0])
+            else:
+                return y.reshape(*x.shape[:-1], st.n)
+        if st.plan is None:
+            from fpq_plugin.kernels.fp8_linear import LinearPlan
+
+            st.plan = LinearPlan(layer.weight_codes, st.ws, st.xs, st.bias,
+                                 weight_table=st.table if st.bits4 else None, act_dtype=st.act_dtype)
+        return st.plan(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------------------
+
+_REGISTERED = False
+
+
+def register_kernel_backends() -> None:
+    """Add ``fp8`` and ``decode`` in front of ``dequant`` in the ``auto`` order (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from fpq_plugin.backends import AUTO_ORDER, register_backend
+
+    decode = DecodeBackend()
+    register_backend(Fp8Backend(decode), auto_priority=0)
+    register_backend(decode, auto_priority=AUTO_ORDER.index("fp8") + 1)
+    _REGISTERED = True
+

@@ -1,0 +1,289 @@
+"""Small memory-bound Triton kernels that let cuBLAS/cuDNN run quantized layers, with pure-PyTorch references.
+
+* ``decode_weight``: uint8 codes (8-bit, or two 4-bit codes per byte, low nibble = even element) -> a dense
+  ``(N, K)`` weight, either
+
+  - float (bf16/fp16/fp32): ``(table[code] - zp[n]) * w_scale[n] * x_scale`` (``x_scale`` folded in so that a
+    GEMM on the activation's *grid values* needs no epilogue), or
+  - fp8 e4m3 bit patterns: ``lut[code]`` with no scale (4-bit weights fed to the FP8 tensor cores).
+
+  Called per forward into a fresh (caching-allocator) tensor that lives only for that layer's GEMM: the model keeps
+  its 4-/8-bit codes in VRAM and the transient costs one layer's dense weight. The decode moves ~3 bytes per weight
+  (bf16) or ~1.5 (fp8): for all of SDXL's 2.6 G weights about 2 ms per UNet call at 3 TB/s.
+* ``quantize_fp8``: ``(x * (1 / x_scale)).clamp(-fmax, fmax) -> fp8`` in one pass (the activation cast of
+  :func:`fpq_plugin.kernels.fp8_linear.fp8_linear_reference`).
+* ``fake_quantize_grid``: the same cast, but written back in ``x``'s dtype as the fp8 *grid value* (exact in
+  bf16/fp16/fp32), so a bf16 GEMM/conv with a weight decoded with ``x_scale`` folded in computes the quantized layer.
+
+Every kernel launch after the first of a given signature goes through :func:`_fast_launch` (a cached compiled
+kernel called directly), because an eager UNet calls them ~1000 times per step and Triton's Python binder costs
+tens of microseconds per call on the test VM (see benchmarks/NOTES_GPU.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "decode_weight",
+    "decode_weight_reference",
+    "fake_quantize_grid",
+    "fake_quantize_grid_reference",
+    "quantize_fp8",
+    "quantize_fp8_reference",
+]
+
+_FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References (pure PyTorch, any device)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unpack(codes: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)[..., :k]
+
+
+def decode_weight_reference(codes, k, table, w_scale=None, zero_point=None, x_scale=None, *, bits4, dtype):
+    """Definition of :func:`decode_weight` (fp32 arithmetic, then one rounding to ``dtype``)."""
+    c = _unpack(codes, k) if bits4 else codes
+    if dtype == torch.uint8:  # raw table entries (e.g. e4m3 bit patterns), no scale
+        return table.to(codes.device)[c.long()]
+    v = table.to(device=codes.device, dtype=torch.float32)[c.long()]
+    if zero_point is not None:
+        v = v - zero_point.float().reshape(-1, 1)
+    s = torch.ones((), device=codes.device) if w_scale is None else w_scale.float().reshape(-1, 1)
+    if x_scale is not None:
+        s = s * x_scale.float()
+    return (v * s).to(dtype)
+
+
+def quantize_fp8_reference(x: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn) -> torch.Tensor:
+    fmax = _FMAX[act_dtype]
+    return (x.float() * torch.reciprocal(x_scale.float())).clamp(-fmax, fmax).to(act_dtype)
+
+
+def fake_quantize_grid_reference(x: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn):
+    return quantize_fp8_reference(x, x_scale, act_dtype).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels (plain functions until _kernels() wraps them; Triton is imported only then)
+# ----------------------------------------------------------------------------------------------------------------
+
+tl = None  # triton.language, bound by _kernels()
+
+
+def _cast_fp8(x, inv, CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr):
+    v = x.to(tl.float32) * inv
+    if CLAMP:  # the GPU conversion saturates by itself; the interpreter's numpy emulation does not
+        v = tl.minimum(tl.maximum(v, -FMAX), FMAX)
+    if ACT_E5M2:
+        return v.to(tl.float8e5)
+    else:
+        return v.to(tl.float8e4nv)
+
+
+def _quant_kernel(x_ptr, q_ptr, xs_ptr, numel,
+                  CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr, GRID_OUT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """q = fp8(x / xs); GRID_OUT: store the fp8 value in q's (float) dtype instead."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    q = _cast_fp8(x, inv, CLAMP, FMAX, ACT_E5M2)
+    if GRID_OUT:
+        tl.store(q_ptr + offs, q.to(tl.float32).to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(q_ptr + offs, q, mask=mask)
+
+
+def _decode_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, N, K, KP, stride_c, stride_o,
+                   BITS4: tl.constexpr, RAW: tl.constexpr, WS_PER_CHANNEL: tl.constexpr, HAS_ZP: tl.constexpr,
+                   FOLD_XS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One (BLOCK_N, BLOCK_J) tile of code bytes -> (BLOCK_N, BLOCK_J or 2*BLOCK_J) output elements. The table is
+    gathered from global memory (16 or 256 entries: L1-resident)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    n_ok = rn < N
+    c = tl.load(c_ptr + rn[:, None].to(tl.int64) * stride_c + rj[None, :], mask=n_ok[:, None] & (rj[None, :] < KP),
+                other=0)
+    if not RAW:
+        if WS_PER_CHANNEL:
+            s = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+        else:
+            s = tl.load(ws_ptr + rn * 0)
+        if FOLD_XS:
+            s = s * tl.load(xs_ptr)
+        if HAS_ZP:
+            zp = tl.load(zp_ptr + rn, mask=n_ok, other=0.0)
+    if BITS4:
+        lo = tl.load(t_ptr + (c & 15).to(tl.int32))
+        hi = tl.load(t_ptr + (c >> 4).to(tl.int32))
+        if not RAW:
+            if HAS_ZP:
+                lo = lo - zp[:, None]
+                hi = hi - zp[:, None]
+            lo = lo * s[:, None]
+            hi = hi * s[:, None]
+        v = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_J))  # element (n, 2j + t) = (lo, hi)[t][n, j]
+        rk = tl.program_id(1) * (2 * BLOCK_J) + tl.arange(0, 2 * BLOCK_J)
+    else:
+        v = tl.load(t_ptr + c.to(tl.int32))
+        if not RAW:
+            if HAS_ZP:
+                v = v - zp[:, None]
+            v = v * s[:, None]
+        rk = rj
+    tl.store(o_ptr + rn[:, None].to(tl.int64) * stride_o + rk[None, :], v.to(o_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (rk[None, :] < K))
+
+
+@functools.cache
+def _kernels():
+    global tl, _cast_fp8, _quant_kernel, _decode_kernel
+    try:
+        import triton
+        import triton.language
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("fpq's GPU kernels need the 'triton' package (pip install triton)") from e
+    tl = triton.language
+    _cast_fp8 = triton.jit(_cast_fp8)
+    _quant_kernel = triton.jit(_quant_kernel, do_not_specialize=["numel"])
+    _decode_kernel = triton.jit(_decode_kernel, do_not_specialize=["N", "K", "KP", "stride_c", "stride_o"])
+    return triton, _quant_kernel, _decode_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launching
+# ----------------------------------------------------------------------------------------------------------------
+
+_FAST: dict[tuple, object] = {}
+FAST_LAUNCH = True
+
+
+def _fast_launch(kern, grid, args, consts: dict, num_warps: int):
+    """``kern[grid](*args, **consts, num_warps=...)``, but after the first launch of a signature the compiled kernel
+    is called directly. The key holds what Triton specialises on here: every constexpr, the tensors' dtypes and
+    16-byte alignment (integer arguments are all in ``do_not_specialize`` or constant per key)."""
+    interp = _interpreting()
+    if FAST_LAUNCH and not interp:
+        import triton
+
+        knobs = triton.knobs.runtime
+        if knobs.launch_enter_hook is None and knobs.launch_exit_hook is None:
+            key = (id(kern), tuple(consts.values()), num_warps, len(grid),
+                   *((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else None for a in args))
+            dev = next(a for a in args if isinstance(a, torch.Tensor)).device.index
+            ck = _FAST.get(key + (dev,))
+            g = tuple(grid) + (1,) * (3 - len(grid))
+            if ck is not None:
+                ck.run(*g, torch._C._cuda_getCurrentRawStream(dev), ck.function, ck.packed_metadata, None, None,
+                       None, *args, *consts.values())
+                return ck
+            ck = kern[grid](*args, **consts, num_warps=num_warps)
+            if hasattr(ck, "run"):
+                _FAST[key + (dev,)] = ck
+                return ck
+            return None
+    kern[grid](*args, **consts, num_warps=num_warps)
+    return None
+
+
+class Launch:
+    """A kernel launch whose compiled kernel, grid and constant arguments are fixed: ``launch(stream_dev, *args)``
+    costs one C call. Only valid for arguments with the same dtypes, 16-byte alignment and (for the specialised
+    integers) values as the launch it was made from; callers key it accordingly."""
+
+    __slots__ = ("ck", "grid", "consts")
+
+    def __init__(self, ck, grid, consts):
+        self.ck, self.grid, self.consts = ck, tuple(grid) + (1,) * (3 - len(grid)), tuple(consts.values())
+
+    def __call__(self, dev: int, *args) -> None:
+        ck = self.ck
+        ck.run(*self.grid, torch._C._cuda_getCurrentRawStream(dev), ck.function, ck.packed_metadata, None, None,
+               None, *args, *self.consts)
+
+
+def _check(x: torch.Tensor) -> None:
+    if not (x.is_cuda or _interpreting()):
+        raise RuntimeError(f"fpq GPU kernels need a CUDA tensor, got one on {x.device}")
+
+
+def _flat_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if its elements are dense in memory in some order (contiguous or channels-last), else a copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+_QBLOCK = 4096
+
+
+def _quant(x, x_scale, act_dtype, grid_out, launch_out):
+    _check(x)
+    triton, qk, _ = _kernels()
+    x = _flat_view(x)
+    q = torch.empty_like(x) if grid_out else torch.empty_like(x, dtype=act_dtype)
+    n = x.numel()
+    if n:
+        grid = (triton.cdiv(n, _QBLOCK),)
+        consts = dict(CLAMP=_interpreting(), FMAX=_FMAX[act_dtype], ACT_E5M2=act_dtype == torch.float8_e5m2,
+                      GRID_OUT=grid_out, BLOCK=_QBLOCK)
+        ck = _fast_launch(qk, grid, (x, q, x_scale, n), consts, 8)
+        if launch_out is not None and ck is not None:
+            launch_out.append(Launch(ck, grid, consts))
+    return q
+
+
+def quantize_fp8(x: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn, *, launch_out=None):
+    """One-pass ``fp8(x / x_scale)`` (saturating, round-to-nearest-even), same layout as ``x``. ``launch_out``: a
+    list that receives a :class:`Launch` for repeating this call as ``launch(dev, x, q, x_scale, x.numel())``."""
+    return _quant(x, x_scale, act_dtype, False, launch_out)
+
+
+def fake_quantize_grid(x: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn, *, launch_out=None):
+    """``fp8(x / x_scale)`` as values of ``x``'s dtype (exact), same layout as ``x``: one pass."""
+    return _quant(x, x_scale, act_dtype, True, launch_out)
+
+
+def decode_weight(codes, k, table, w_scale=None, zero_point=None, x_scale=None, *, bits4, dtype, out=None,
+                  launch_out=None):
+    """Triton version of :func:`decode_weight_reference`: uint8 codes ``(N, KP)`` -> ``(N, k)`` of ``dtype``.
+
+    ``dtype=torch.uint8`` returns raw table entries (``table`` uint8, e.g. e4m3 bit patterns); otherwise ``table``
+    is fp32 and the result is ``(table[code] - zero_point) * w_scale * x_scale`` (each optional) in ``dtype``.
+    """
+    _check(codes)
+    triton, _, dk = _kernels()
+    n, kp = codes.shape
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=codes.device)
+    if n == 0 or k == 0:
+        return out
+    raw = dtype == torch.uint8
+    if w_scale is None and not raw:
+        w_scale = torch.ones(1, dtype=torch.float32, device=codes.device)
+    ws = w_scale if w_scale is not None else table  # placeholders keep the pointer arguments valid
+    block_n, block_j = (16, 128) if bits4 else (16, 256)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_j))
+    args = (codes, table, ws, zero_point if zero_point is not None else ws, x_scale if x_scale is not None else ws,
+            out, n, k, kp, codes.stride(0), out.stride(0))
+    consts = dict(BITS4=bits4, RAW=raw, WS_PER_CHANNEL=(not raw) and w_scale is not None and w_scale.numel() > 1,
+                  HAS_ZP=(not raw) and zero_point is not None, FOLD_XS=(not raw) and x_scale is not None,
+                  BLOCK_N=block_n, BLOCK_J=block_j)
+    ck = _fast_launch(dk, grid, args, consts, 4)
+    if launch_out is not None and ck is not None:
+        launch_out.append((Launch(ck, grid, consts), args))
+    return out
