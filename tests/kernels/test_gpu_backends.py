@@ -58,17 +58,18 @@ def random_codes(fmt, n, k, gen):
     return codes.to(torch.uint8)
 
 
-def make_layer(kind, w, a, *, n=96, c=64, k=3, stride=1, seed=0, device="cpu", bias=True):
+def make_layer(kind, w, a, *, n=96, c=64, k=3, stride=1, seed=0, device="cpu", bias=True, per_channel=True):
     g = torch.Generator().manual_seed(seed)
     if kind == "linear":
-        lyr = QLinear(c, n, w, a, bias=bias, bias_dtype=torch.bfloat16)
+        lyr = QLinear(c, n, w, a, bias=bias, bias_dtype=torch.bfloat16, per_channel=per_channel)
     else:
-        lyr = QConv2d(c, n, k, w, a, stride=stride, padding=k // 2, bias=bias, bias_dtype=torch.bfloat16)
+        lyr = QConv2d(c, n, k, w, a, stride=stride, padding=k // 2, bias=bias, bias_dtype=torch.bfloat16,
+                      per_channel=per_channel)
     codes = random_codes(w, n, lyr.reduction, g)
     from fpq_plugin.formats import pack_nibbles
 
     lyr.weight_codes = pack_nibbles(codes) if lyr.packed else codes
-    lyr.weight_scale = torch.rand(n, generator=g) / 8 + 0.01
+    lyr.weight_scale = torch.rand(n if per_channel else 1, generator=g) / 8 + 0.01
     if lyr.weight_zero_point is not None:
         lyr.weight_zero_point = torch.randint(0, get_format(w).num_codes, (n,), generator=g).float()
     if bias:
@@ -137,9 +138,10 @@ def test_torch_decode_path_matches_reference(kind, w, a):
 
 
 @interp
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("w", ["e4m3fn", "e2m1", "int4", "e3m4"])
-def test_interp_decode_kernel(w):
-    lyr = make_layer("linear", w, "e4m3fn", n=37, c=301)
+def test_interp_decode_kernel(w, per_channel):
+    lyr = make_layer("linear", w, "e4m3fn", n=37, c=301, per_channel=per_channel)
     st = kb._State(lyr)
     got = qops.decode_weight(lyr.weight_codes, st.k, st.table, st.ws, st.zp, st.xs, bits4=st.bits4,
                              dtype=torch.float32)
@@ -184,10 +186,11 @@ def test_interp_decode_backend(kind, w, a, monkeypatch):
 
 @gpu
 @needs_sm89
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("w", ["e4m3fn", "e2m1", "int4", "e3m4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_decode_kernel_bit_exact(w, dtype):
-    lyr = make_layer("linear", w, "e4m3fn", n=133, c=1283, device="cuda")
+def test_gpu_decode_kernel_bit_exact(w, dtype, per_channel):
+    lyr = make_layer("linear", w, "e4m3fn", n=133, c=1283, device="cuda", per_channel=per_channel)
     st = kb._State(lyr)
     args = (lyr.weight_codes, st.k, st.table, st.ws, st.zp, st.xs)
     got = qops.decode_weight(*args, bits4=st.bits4, dtype=dtype)
@@ -274,14 +277,15 @@ def test_gpu_compiled_path_matches_reference(w, a):
         assert rel_max(got, ref) <= 2 * ULP[torch.bfloat16] + 1e-4 * math.sqrt(lyr.reduction)
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("kind,w,a,name", [("linear", "e4m3fn", "e4m3fn", "fp8"), ("linear", "e2m1", "e4m3fn", "fp8"),
                                            ("linear", "e2m1", None, "decode"), ("conv", "e4m3fn", "e4m3fn", "fp8"),
                                            ("conv", "e1m2", None, "decode")])
-def test_compiled_dispatch_traces_one_graph(kind, w, a, name):
+def test_compiled_dispatch_traces_one_graph(kind, w, a, name, per_channel):
     """Under torch.compile the dispatcher uses the eager pick stored on the layer and the backends' pure-PyTorch
     paths: one graph, no breaks (fullgraph), same function as the reference (CPU; Dynamo only)."""
     kb.register_kernel_backends()
-    lyr = make_layer(kind, w, a, n=64, c=64)
+    lyr = make_layer(kind, w, a, n=64, c=64, per_channel=per_channel)
     lyr._fpq_auto_backend = name  # what an eager call on a GPU would have stored
     x = x_for(lyr, (32,), torch.float32, "cpu")
     torch._dynamo.reset()
