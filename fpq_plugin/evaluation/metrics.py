@@ -62,7 +62,10 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     sqrt1 = (vecs1 * vals1.clamp_min(0).sqrt()) @ vecs1.T
     middle = sqrt1 @ cov2 @ sqrt1
     covmean_trace = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * covmean_trace)
+    distance = float((mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * covmean_trace)
+    # The trace terms cancel for (nearly) equal Gaussians; with rank-deficient covariances (fewer images than
+    # feature dimensions) the square roots of tiny eigenvalues leave ~1e-5 of rounding, sometimes negative.
+    return max(0.0, distance)
 
 
 def gaussian_fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:

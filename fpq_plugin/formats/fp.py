@@ -82,10 +82,11 @@ class FPFormat:
     def kind(self) -> str:
         return "fp"
 
-    @property
+    @functools.cached_property
     def max_value(self) -> float:
-        """Largest finite value."""
-        return float(self.positive_grid()[-1])
+        """Largest finite value (a Python float computed once: layers read it in every forward, and a tensor ->
+        float conversion there would break ``torch.compile`` graphs)."""
+        return float(self._positive[-1])
 
     @property
     def min_subnormal(self) -> float:

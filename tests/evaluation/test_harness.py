@@ -10,14 +10,19 @@ import torch
 from fpq_plugin.errors import RecipeError
 from fpq_plugin.evaluation import EvalSettings, Variant, evaluate, write_report
 from fpq_plugin.evaluation.harness import select_calls
+from fpq_plugin.method import MethodConfig
 from fpq_plugin.method.capture import UNetCall
+
+# A small search (few rows and clipping factors) keeps the CPU test short; the harness logic is the same.
+QUICK = MethodConfig("quick", rounding_iters=0, search_rows=256, weight_shrink_factors=(1.0, 0.8),
+                     act_shrink_factors=(1.0, 0.8))
 
 
 def test_uncond_table_rows_and_report(tmp_path) -> None:
     variants = (
         Variant("fp32", "Full precision", None),
-        Variant("fp8-w8a8", "FP8 W8A8", "w8a8", "fast"),
-        Variant("int4-w4a8", "INT4 W4A8 nearest", "int4", "fast"),
+        Variant("fp8-w8a8", "FP8 W8A8", "w8a8", QUICK),
+        Variant("int4-w4a8", "INT4 W4A8 nearest", "int4", QUICK),
     )
     settings = EvalSettings(model="uncond", n_images=4, steps=3, calibration_prompts=2, calibration_keep_steps=2,
                             batch_size=4, device="cpu")
@@ -25,7 +30,7 @@ def test_uncond_table_rows_and_report(tmp_path) -> None:
     result = evaluate(settings, variants, on_row=lambda partial: seen.append(len(partial.rows)))
     assert seen == [1, 2, 3]
     fp, fp8, int4 = result.rows
-    assert fp["psnr_db"] == 99.0 and abs(fp["fid_vs_fp"]) < 1e-6 and fp["ssim"] == pytest.approx(1.0)
+    assert fp["psnr_db"] == 99.0 and 0 <= fp["fid_vs_fp"] < 1e-3 and fp["ssim"] == pytest.approx(1.0)
     # 8-bit is closer to full precision than 4-bit weights with the same activations format family.
     assert fp8["psnr_db"] > int4["psnr_db"]
     assert fp8["weight_bytes"] < 0.4 * fp["weight_bytes"] and int4["weight_bytes"] < fp8["weight_bytes"]
