@@ -81,6 +81,7 @@ def run_demo(
     n_calibration_prompts: int = 4,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    methods: dict[str, MethodConfig] | None = None,
 ) -> tuple[list[DemoRow], Path]:
     """Quantize the bundled reference pipeline with each recipe and compare images against full precision.
 
@@ -93,6 +94,7 @@ def run_demo(
         n_calibration_prompts: prompts the calibration runs on (disjoint from the demo prompts).
         seed: base seed of the per-image generators.
         progress: called with a short message before each phase.
+        methods: method settings per recipe, overriding :data:`DEMO_METHODS` (tests use smaller ones).
 
     Returns:
         The table rows and the path of the side-by-side PNG grid (rows: full precision, then each recipe).
@@ -126,7 +128,7 @@ def run_demo(
         say(f"{name}: search, static activation scales" + (", learned rounding" if name.startswith("w4") else ""))
         start = time.perf_counter()
         unet = copy.deepcopy(float_unet)
-        config = DEMO_METHODS.get(name, get_method_config("standard"))
+        config = {**DEMO_METHODS, **(methods or {})}.get(name, get_method_config("standard"))
         quantize_with_method(unet, recipe_for(name, config), calls, method=config)
         say(f"{name}: generating")
         pipe.unet = unet

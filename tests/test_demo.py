@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from fpq_plugin.demo import run_demo
+from fpq_plugin.method import MethodConfig
+
+# Same flow as `fpq demo` with a smaller search and 10 rounding iterations, so the CPU test takes seconds, not minutes.
+_SMALL = {"search_rows": 256, "weight_shrink_factors": (1.0, 0.8), "act_shrink_factors": (1.0, 0.8)}
+QUICK = {"w8a8": MethodConfig("quick-8", rounding_iters=0, **_SMALL),
+         "w4a8": MethodConfig("quick-4", rounding_iters=10, **_SMALL)}
 
 
 def test_demo_rows_and_grid(tmp_path) -> None:
     messages: list[str] = []
-    rows, grid = run_demo(tmp_path, steps=3, n_images=2, n_calibration_prompts=2, progress=messages.append)
+    rows, grid = run_demo(tmp_path, steps=3, n_images=2, n_calibration_prompts=2, progress=messages.append,
+                          methods=QUICK)
     assert [r.variant for r in rows] == ["full precision (fp32)", "w8a8", "w4a8"]
     fp, w8, w4 = rows
     assert fp.psnr_db == float("inf") and 0 <= fp.prompt_accuracy <= 1
