@@ -95,6 +95,9 @@ def test_ctrl_c_during_calibration_leaves_no_files(folder, tmp_path) -> None:
         [sys.executable, "-m", "fpq_plugin.cli", "quantize", str(folder), str(out), "--recipe", "w4a8",
          "--method", "standard", "--prompts", "8", "--steps", "20", "--cache-dir", str(cache)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
+        # Children inherit an ignored SIGINT (earlier tests' worker pools can leave it so in this process); the
+        # child must start with the default disposition, as from a shell, so Python turns SIGINT into Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # The lock file appears when the build (calibration + quantization) starts; it takes well over a second.
     deadline = time.monotonic() + 300
