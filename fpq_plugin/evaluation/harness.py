@@ -62,7 +62,8 @@ class Variant:
 
     def resolved(self) -> tuple[Recipe, MethodConfig]:
         config = get_method_config(self.method)
-        assert self.recipe is not None  # callers only resolve quantized variants
+        if self.recipe is None:
+            raise RecipeError(f"variant {self.name!r} is the full-precision row; it has no recipe to resolve")
         return recipe_for(self.recipe, config), config
 
 
