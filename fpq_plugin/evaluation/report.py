@@ -12,7 +12,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import save_file
+
 from fpq_plugin.evaluation.harness import EvalResult
+from fpq_plugin.evaluation.merge import IMAGES_FILE, RESULTS_FILE, images_to_tensors
 from fpq_plugin.io.checkpoint import atomic_write_bytes
 
 __all__ = ["markdown_table", "write_report"]
@@ -122,8 +125,11 @@ def write_report(result: EvalResult, out_dir: str | os.PathLike[str], command: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_json() | {"command": command}
-    _write(out / "results.json", json.dumps(data, indent=1).encode())
-    _write(out / "grid.png", _png_bytes(_grid(result, scale)))
+    _write(out / RESULTS_FILE, json.dumps(data, indent=1).encode())
+    if result.images:
+        _write(out / "grid.png", _png_bytes(_grid(result, scale)))
+        # The grid's images in a loadable form, so reports of separate processes merge (fpq eval --jobs/--merge).
+        atomic_write_bytes(out / IMAGES_FILE, lambda tmp: save_file(images_to_tensors(result), tmp))
     _write(out / "plots.png", _png_bytes(_bars(result.rows)))
     s = result.settings
     lines = [
@@ -151,7 +157,7 @@ def write_report(result: EvalResult, out_dir: str | os.PathLike[str], command: s
             per = r.get("prompt_accuracy_per_attribute", {})
             lines.append(f"| {r['variant']} | " + " | ".join(f"{per.get(a, float('nan')):.3f}" for a in attrs) + " |")
         lines.append("")
-    lines += ["![grid](grid.png)", "", "![plots](plots.png)", ""]
+    lines += (["![grid](grid.png)", ""] if result.images else []) + ["![plots](plots.png)", ""]
     report = out / "report.md"
     _write(report, "\n".join(lines).encode())
     return report
