@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fpq_plugin.errors import FormatError, RecipeError
-from fpq_plugin.formats import ACTIVATION_FORMATS, get_format
+from fpq_plugin.formats import ACTIVATION_FORMATS, FP8_SEARCH_FORMATS, HARDWARE_FP8, get_format
 
 RECIPE_VERSION = 1
 ROUNDING_MODES = ("nearest", "learned")
@@ -37,7 +37,9 @@ class Recipe:
         weight_formats: candidate weight formats, all of one bit width; with several, each layer gets the one
             with the lowest error (the paper's per-tensor encoding search).
         activation_format: ``"e4m3fn"``, ``"e5m2"``, ``"int8"``, ``"auto"`` (choose e4m3fn or e5m2 per layer during
-            calibration) or ``None`` for weight-only.
+            calibration), ``"search"`` (choose among every 8-bit FP encoding, e5m2 .. e2m5, per layer: the paper's
+            search; e3m4 / e2m5 are simulated, with no tensor-core path), a research format ``"e3m4"`` /
+            ``"e2m5"``, or ``None`` for weight-only.
         weight_granularity: ``"channel"`` (a scale per output channel) or ``"tensor"``.
         weight_scale_method: ``"absmax"`` or ``"mse"`` (clipping search).
         rounding: ``"nearest"`` or ``"learned"`` (learned rounding needs calibration data).
@@ -75,10 +77,10 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: weight_formats {list(formats)} mix FP and INT formats")
         object.__setattr__(self, "weight_formats", tuple(formats))
         act = self.activation_format
-        if act is not None and act != "auto" and act not in ACTIVATION_FORMATS:
+        if act is not None and act not in ("auto", "search") and act not in ACTIVATION_FORMATS:
             raise RecipeError(
-                f"recipe {self.name!r}: activation_format must be one of {ACTIVATION_FORMATS}, 'auto' or null, "
-                f"got {act!r}"
+                f"recipe {self.name!r}: activation_format must be one of {ACTIVATION_FORMATS}, 'auto' (e4m3fn or "
+                f"e5m2 per layer), 'search' (every 8-bit FP encoding per layer, simulated) or null, got {act!r}"
             )
         for key, allowed in (
             ("weight_granularity", GRANULARITIES),
@@ -109,7 +111,9 @@ class Recipe:
 
     def activation_candidates(self) -> tuple[str, ...]:
         if self.activation_format == "auto":
-            return ("e4m3fn", "e5m2")
+            return HARDWARE_FP8
+        if self.activation_format == "search":
+            return FP8_SEARCH_FORMATS
         return () if self.activation_format is None else (self.activation_format,)
 
     def replace(self, **changes: Any) -> Recipe:
@@ -171,6 +175,9 @@ PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("w8a8", ("e4m3fn",), "e4m3fn"),
+        # The paper's 8-bit encoding search for weights and activations; same size as w8a8, but layers that pick
+        # e3m4 / e2m5 run on the dequant backend (no FP8 tensor cores): for quality studies, not for speed.
+        Recipe("w8a8-search", FP8_SEARCH_FORMATS, "search", weight_scale_method="mse"),
         Recipe("w4a8", FP4_FORMATS, "e4m3fn", weight_scale_method="mse"),
         Recipe("w4a16", FP4_FORMATS, None, weight_scale_method="mse"),
         Recipe("w8a16", ("e4m3fn",), None),

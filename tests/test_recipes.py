@@ -57,3 +57,11 @@ def test_missing_file_and_unknown_name() -> None:
         get_recipe("/nonexistent/recipe.yaml")
     with pytest.raises(RecipeError, match="presets: w8a8"):
         get_recipe("w3a3")
+
+
+def test_search_activation_format_covers_every_8bit_fp_encoding() -> None:
+    recipe = get_recipe("w8a8-search")
+    assert recipe.activation_candidates() == ("e4m3fn", "e5m2", "e3m4", "e2m5")
+    assert set(recipe.weight_formats) == {"e4m3fn", "e5m2", "e3m4", "e2m5"} and recipe.weight_bits == 8
+    assert get_recipe("w8a8").activation_candidates() == ("e4m3fn",)
+    assert Recipe("x", ("e2m1",), "e3m4").activation_candidates() == ("e3m4",)

@@ -78,6 +78,7 @@ PAPER_VARIANTS: tuple[Variant, ...] = (
     Variant("fp32", "Full precision", None),
     Variant("int8-w8a8", "INT8 W8A8", "int8", _NEAREST),
     Variant("fp8-w8a8", "FP8 W8A8", "w8a8", _NEAREST),
+    Variant("fp8-w8a8-search", "FP8 W8A8, encoding search e5m2..e2m5 (simulated)", "w8a8-search", _NEAREST),
     Variant("int4-w4a8-adaround", "INT4 W4A8, AdaRound", "int4", _LEARNED),
     Variant("fp4-w4a8-nearest", "FP4 W4A8, round-to-nearest", "w4a8", _NEAREST),
     Variant("fp4-w4a8-learned", "FP4 W4A8, learned rounding", "w4a8", _LEARNED),

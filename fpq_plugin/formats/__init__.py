@@ -29,7 +29,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (E4M3FN, E5M2, E2M1, E3M0, E1M2
 
 # Formats whose values are all exactly representable in float8_e4m3fn: they can feed FP8 tensor cores.
 FP8_COMPATIBLE_4BIT = ("e2m1", "e3m0", "e1m2")
-ACTIVATION_FORMATS = ("e4m3fn", "e5m2", "int8")
+# Per-tensor activation formats. e3m4 / e2m5 are the paper's research encodings (its per-tensor 8-bit search runs
+# over E5M2..E2M5): exact in simulation, no tensor-core path, so layers using them run on the dequant backend.
+ACTIVATION_FORMATS = ("e4m3fn", "e5m2", "e3m4", "e2m5", "int8")
+HARDWARE_FP8 = ("e4m3fn", "e5m2")
+FP8_SEARCH_FORMATS = ("e4m3fn", "e5m2", "e3m4", "e2m5")
 
 
 def get_format(name: str | Format) -> Format:
@@ -44,6 +48,8 @@ def get_format(name: str | Format) -> Format:
 
 __all__ = [
     "ACTIVATION_FORMATS",
+    "FP8_SEARCH_FORMATS",
+    "HARDWARE_FP8",
     "FORMATS",
     "FP8_COMPATIBLE_4BIT",
     "FPFormat",
