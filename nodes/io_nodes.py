@@ -32,6 +32,18 @@ register_folder(FOLDER)
 register_folder(CACHE_FOLDER)
 
 
+def output_folder(name: str) -> str:
+    """The folder a node writes ``name`` files to: the first one registered, except ComfyUI's legacy ``models/unet``.
+
+    ComfyUI lists ``models/unet`` before ``models/diffusion_models`` for the ``diffusion_models`` type (both are
+    read by its loaders); new files belong in ``models/diffusion_models``, or in a folder extra_model_paths.yaml
+    made the default.
+    """
+    paths = folder_paths.get_folder_paths(name)
+    legacy = os.path.normpath(os.path.join(folder_paths.models_dir, "unet"))
+    return next((p for p in paths if os.path.normpath(p) != legacy), paths[0])
+
+
 class LoadFPQuantizedUNet:
     """Load a UNet quantized by fpq (a file written by "Save FP Quantized UNet")."""
 
@@ -111,7 +123,7 @@ class SaveFPQuantizedUNet:
                 f"filename_prefix {filename_prefix!r} is not a plain file name; use letters, digits, spaces, "
                 "'_', '-' and '.' (no folders)"
             )
-        folder = folder_paths.get_folder_paths(FOLDER if format == "fpq" else NATIVE_FOLDER)[0]
+        folder = output_folder(FOLDER if format == "fpq" else NATIVE_FOLDER)
         os.makedirs(folder, exist_ok=True)
         counter = 1
         while os.path.exists(path := os.path.join(folder, f"{prefix}_{counter:05d}.safetensors")):

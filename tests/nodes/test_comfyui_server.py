@@ -525,6 +525,7 @@ def test_comfy_quant_export_loads_in_plain_comfyui(comfy: Comfy) -> None:
     assert entry["status"]["status_str"] == "success", _error_text(entry)
     files = sorted((comfy.base / "models" / "diffusion_models").glob("native_*.safetensors"))
     assert files, "the comfy_quant export wrote no file into models/diffusion_models"
+    assert not (comfy.base / "models" / "unet").exists(), "nothing goes into ComfyUI's legacy models/unet folder"
     with safe_open(str(files[-1]), framework="pt") as fh:
         keys = list(fh.keys())
         markers = [k for k in keys if k.endswith(".comfy_quant")]
