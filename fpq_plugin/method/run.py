@@ -102,7 +102,9 @@ def quantize_with_method(
         method: ``"fast"``, ``"standard"``, ``"best"`` or a :class:`MethodConfig`.
         skip, layer_filter: layers kept in full precision (as in :func:`fpq_plugin.quantize_`).
         progress: ``progress(done, total, unit_name)`` after each unit; raise (e.g. ``CancelledError``) to cancel
-            between units (also checked every 50 rounding iterations).
+            between units. It is also called (``done`` unchanged) before each layer's search, before every
+            calibration call of the capture passes and every 50 rounding iterations, so a cancel is seen within
+            one UNet call.
         backend: backend of the new quantized layers.
 
     Returns:
@@ -139,7 +141,8 @@ def quantize_with_method(
         if learn:
             # Sequential reconstruction: this unit's inputs come from the model with every earlier unit quantized.
             unit = group[0]
-            q_io = capture_unit_io(model, unit.name, calls, outputs=False, device=device)
+            heartbeat = (lambda d=done, n=unit.name: progress(d, len(units), n)) if progress else None
+            q_io = capture_unit_io(model, unit.name, calls, outputs=False, device=device, should_stop=heartbeat)
             if not q_io.args:
                 raise LayerQuantizationError(
                     f"{unit.name}: the calibration calls never reach this layer; skip it with skip=[{unit.name!r}]"
@@ -155,6 +158,8 @@ def quantize_with_method(
             float_layers = {name: model.get_submodule(name) for unit in group for name in unit.layers}
             with StatsCollector(float_layers, rows_per_call, seed=config.seed + done) as collector, torch.no_grad():
                 for call in calls:
+                    if progress is not None:  # the cancel check per call: this pass can take minutes on a CPU
+                        progress(done, len(units), group[0].name)
                     c = call.to(device)
                     model(*c.args, **c.kwargs)
         stats = collector.stats()
@@ -242,7 +247,7 @@ def _group_units(model: nn.Module, units: list[Unit], config: MethodConfig, budg
 def _learn_unit(model, fp_model, unit, float_layers, plans, q_io, calls, config, device, generator,
                 should_stop=None):
     """Learned rounding of one unit; updates ``plans`` with the hardened codes."""
-    fp_io = capture_unit_io(fp_model, unit.name, calls, outputs=True, device=device)
+    fp_io = capture_unit_io(fp_model, unit.name, calls, outputs=True, device=device, should_stop=should_stop)
     soft_layers = {}
     for name, module in float_layers.items():
         plan = plans[name]

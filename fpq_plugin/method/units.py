@@ -11,7 +11,7 @@ returns), stopping each forward right after that unit so later blocks cost nothi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +83,18 @@ class UnitIO:
 
 
 def capture_unit_io(
-    model: nn.Module, unit_name: str, calls: list[UNetCall], *, outputs: bool, device: torch.device
+    model: nn.Module,
+    unit_name: str,
+    calls: list[UNetCall],
+    *,
+    outputs: bool,
+    device: torch.device,
+    should_stop: Callable[[], None] | None = None,
 ) -> UnitIO:
-    """Run ``model`` on each call and record the first invocation of ``unit_name`` (inputs; outputs if asked)."""
+    """Run ``model`` on each call and record the first invocation of ``unit_name`` (inputs; outputs if asked).
+
+    ``should_stop()`` is called before every call; raising there cancels (a pass over all calls can take minutes).
+    """
     module = model.get_submodule(unit_name)
     io = UnitIO([], [], [] if outputs else None)
     state: dict[str, Any] = {}
@@ -105,6 +114,8 @@ def capture_unit_io(
     try:
         with torch.no_grad():
             for call in calls:
+                if should_stop is not None:
+                    should_stop()
                 state.clear()
                 c = call.to(device)
                 try:

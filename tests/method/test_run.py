@@ -72,6 +72,26 @@ def test_fast_preset_and_cancellation(setup) -> None:
         quantize_with_method(copy.deepcopy(unet), recipe_for("w4a8", QUICK), calls, method=QUICK, progress=cancel)
 
 
+@pytest.mark.parametrize("learn", [False, True])
+def test_cancel_is_seen_within_one_calibration_call(setup, learn: bool) -> None:
+    """The capture passes run the whole UNet on every call (minutes on a CPU): the progress callback, which doubles
+    as the cancel check, is called before each call, so a cancel stops the method after at most one more call."""
+    unet, calls, _, _ = setup
+    model = copy.deepcopy(unet)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    config = QUICK if learn else QUICK.replace(rounding_iters=0)
+    cancelled_at = {}
+
+    def cancel(done, total, name):
+        cancelled_at.setdefault("forwards", len(forwards))
+        raise CancelledError("user pressed cancel")
+
+    with pytest.raises(CancelledError):
+        quantize_with_method(model, recipe_for("w8a8", config), calls, method=config, progress=cancel)
+    assert len(calls) > 2 and len(forwards) == cancelled_at["forwards"] <= 1, "no capture pass should run on"
+
+
 def test_no_calls_is_a_clear_error(setup) -> None:
     with pytest.raises(LayerQuantizationError, match="no calibration calls"):
         quantize_with_method(copy.deepcopy(setup[0]), "w4a8", [], method=QUICK)
