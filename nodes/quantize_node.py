@@ -190,6 +190,10 @@ class FPQuantizeUNet:
                     resolution=resolution, seed=seed, on_step=progress.step, **CALIBRATION_SAMPLER,
                 )
             )  # fmt: skip
+            logger.info(
+                "fpq: calibration sampling recorded %d UNet calls in %.1f s; running the %s method on %d layers",
+                len(calls), calibration_s, config.name, len(names),
+            )  # fmt: skip
             report = run_method(
                 diffusion_model, recipe, calls, config, names, load_device=model.load_device,
                 offload_device=model.offload_device, progress=progress.quantize,
