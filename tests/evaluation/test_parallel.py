@@ -26,12 +26,14 @@ def test_plan_spreads_learned_rows_and_leaves_no_worker_empty() -> None:
 def test_two_workers_make_one_report(tmp_path) -> None:
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "fpq_plugin.evaluation", "--model", "uncond", "--variants", "fp32,int8-w8a8,fp8-w8a8",
-           "--n-images", "2", "--steps", "2", "--calibration-prompts", "1", "--calibration-steps", "1",
+           "--n-images", "2", "--steps", "6", "--calibration-prompts", "1", "--calibration-steps", "1",
            "--batch-size", "2", "--device", "cpu", "--jobs", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "int8-w8a8", "fp8-w8a8"]
     assert (out / "grid.png").is_file() and (out / "parts" / "job-1" / "results.json").is_file()
-    # Every worker regenerated the same full-precision images, so the rows are comparable.
-    assert rows[0]["psnr_db"] == 99.0 and all(10 < r["psnr_db"] < 99 for r in rows[1:])
+    # Every worker regenerated the same full-precision images, so the rows are comparable: uncorrelated
+    # references would score ~9 dB. (Six steps, not two: a 2-step pixel-space DDIM jumps from t=999, where the
+    # x0 estimate divides the noise error by sqrt(alpha_bar) ~ 0.006, so even W8A8 lands ~9 dB from float there.)
+    assert rows[0]["psnr_db"] == 99.0 and all(15 < r["psnr_db"] < 99 for r in rows[1:])
