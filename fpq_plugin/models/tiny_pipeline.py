@@ -1,6 +1,7 @@
 """Tiny, complete Stable Diffusion pipelines built from configs, for end-to-end tests without the model hub.
 
-The pipelines are real ``diffusers`` pipelines (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``) whose
+The pipelines are real ``diffusers`` pipelines (``StableDiffusionPipeline`` for SD1.x and SD2.x,
+``StableDiffusionXLPipeline``) whose
 every component is randomly initialised from a small config: the tiny UNets of
 :mod:`fpq_plugin.models.unet_configs`, tiny CLIP text encoders, a tiny VAE and a real ``CLIPTokenizer`` loaded from a
 small byte-level BPE vocabulary written to disk. A 4-step generation of a 32x32 image takes well under a second on
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fpq_plugin.errors import RecipeError
-from fpq_plugin.models.unet_configs import unet_config
+from fpq_plugin.models.unet_configs import PREDICTION_TYPES, unet_config
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import DiffusionPipeline
@@ -39,7 +40,8 @@ __all__ = [
     "write_tiny_tokenizer",
 ]
 
-PIPELINE_KINDS: tuple[str, ...] = ("sd15", "sdxl")
+PIPELINE_KINDS: tuple[str, ...] = ("sd15", "sd2", "sdxl")
+_UNET_OF_KIND = {"sd15": "tiny", "sd2": "tiny-sd2", "sdxl": "tiny-xl"}
 SCHEDULERS: tuple[str, ...] = ("ddim", "euler")
 
 #: Vocabulary size of the tiny tokenizer and text encoders (ids 0..999; the last two are bos and eos, as in CLIP).
@@ -232,8 +234,11 @@ def _vae() -> Any:
     )
 
 
-def sd_scheduler(name: str) -> Any:
-    """A fresh ``"ddim"`` or ``"euler"`` scheduler with Stable Diffusion's training noise schedule."""
+def sd_scheduler(name: str, prediction_type: str = "epsilon") -> Any:
+    """A fresh ``"ddim"`` or ``"euler"`` scheduler with Stable Diffusion's training noise schedule.
+
+    ``prediction_type`` is ``"epsilon"`` (SD1.x, SDXL) or ``"v_prediction"`` (SD2.x at 768 pixels).
+    """
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     # The beta schedule of SD1.x/SDXL, so timesteps and noise levels look like the real models'.
@@ -242,7 +247,7 @@ def sd_scheduler(name: str) -> Any:
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
+        "prediction_type": prediction_type,
         "steps_offset": 1,
         "timestep_spacing": "leading",
     }
@@ -260,8 +265,10 @@ def build_tiny_pipeline(
     """Build a tiny, randomly initialised, fully working Stable Diffusion pipeline.
 
     Args:
-        kind: ``"sd15"`` (``StableDiffusionPipeline`` around the ``"tiny"`` UNet) or ``"sdxl"``
-            (``StableDiffusionXLPipeline`` with two text encoders around the ``"tiny-xl"`` UNet).
+        kind: ``"sd15"`` (``StableDiffusionPipeline`` around the ``"tiny"`` UNet), ``"sd2"`` (the same pipeline
+            class around the ``"tiny-sd2"`` UNet, with a gelu text encoder as OpenCLIP ViT-H and a v-prediction
+            scheduler, as SD2.x) or ``"sdxl"`` (``StableDiffusionXLPipeline`` with two text encoders around the
+            ``"tiny-xl"`` UNet).
         seed: Seed of every component's weights; the same seed gives identical pipelines. The global torch RNG is
             left untouched.
         scheduler: ``"ddim"`` (``DDIMScheduler``) or ``"euler"`` (``EulerDiscreteScheduler``).
@@ -287,15 +294,16 @@ def build_tiny_pipeline(
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     assert (bos_id, eos_id) == (TEXT_VOCAB_SIZE - 2, TEXT_VOCAB_SIZE - 1), (bos_id, eos_id)  # internal invariant
 
-    unet_name = "tiny" if kind == "sd15" else "tiny-xl"
+    unet_name = _UNET_OF_KIND[kind]
     config = unet_config(unet_name)
     # Build every component under one private, seeded RNG: deterministic weights, caller's RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(config)
         vae = _vae()
-        # SD1.x's CLIP ViT-L uses quick_gelu.
-        text_encoder = CLIPTextModel(_text_config("quick_gelu", _TEXT_HIDDEN, eos_id, bos_id, eos_id))
+        # SD1.x's CLIP ViT-L uses quick_gelu; SD2.x's OpenCLIP ViT-H uses gelu.
+        act = "gelu" if kind == "sd2" else "quick_gelu"
+        text_encoder = CLIPTextModel(_text_config(act, _TEXT_HIDDEN, eos_id, bos_id, eos_id))
         if kind == "sdxl":
             tokenizer_2 = _load_tokenizer(tokenizer_dir, pad_token="!")
             # Pooled text_embeds width must fill the UNet's add-embedding input next to the 6 time ids.
@@ -304,10 +312,10 @@ def build_tiny_pipeline(
             text_encoder_2 = CLIPTextModelWithProjection(
                 _text_config("gelu", pooled_dim, eos_id, bos_id, tokenizer_2.pad_token_id)
             )
-    sched = sd_scheduler(scheduler)
+    sched = sd_scheduler(scheduler, PREDICTION_TYPES[unet_name])
 
     modules: list[torch.nn.Module] = [unet, vae, text_encoder]
-    if kind == "sd15":
+    if kind != "sdxl":
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,

@@ -2,7 +2,7 @@
 
 fpq quantizes ``diffusers.UNet2DConditionModel`` instances. Tests, benchmarks and memory estimates need the *real*
 architectures (layer shapes, parameter counts) without downloading multi-gigabyte checkpoints, so this module
-carries the public ``unet/config.json`` of each supported model as a Python literal, plus two tiny configs of the
+carries the public ``unet/config.json`` of each supported model as a Python literal, plus three tiny configs of the
 same families for fast CPU tests.
 
 The dicts hold only the keys ``UNet2DConditionModel.__init__`` needs; every other key of the published files is
@@ -145,6 +145,14 @@ TINY: dict[str, Any] = {
     "attention_head_dim": 8,
 }
 
+#: Tiny SD2.x-family UNet: what sets SD2 apart from SD1 inside the UNet is linear proj_in/proj_out and a head
+#: *dimension* per block (SD2.1: [5, 10, 20, 20]) instead of SD1's head count; the pipeline adds v-prediction.
+TINY_SD2: dict[str, Any] = {
+    **TINY,
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+}
+
 #: Tiny SDXL-family UNet: text_time additional embeddings, linear projections, several transformer layers per
 #: block. ``cross_attention_dim`` is 64 because the SDXL pipeline concatenates the hidden states of its two text
 #: encoders (32 + 32 in the tiny pipeline), exactly like 768 + 1280 = 2048 in the real model.
@@ -177,6 +185,7 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "sd21": SD21,
     "sdxl": SDXL,
     "tiny": TINY,
+    "tiny-sd2": TINY_SD2,
     "tiny-xl": TINY_XL,
 }
 
@@ -186,6 +195,7 @@ PREDICTION_TYPES: dict[str, str] = {
     "sd21": "v_prediction",
     "sdxl": "epsilon",
     "tiny": "epsilon",
+    "tiny-sd2": "v_prediction",
     "tiny-xl": "epsilon",
 }
 
@@ -206,7 +216,7 @@ def unet_config(name: str) -> dict[str, Any]:
 
     Args:
         name: One of the keys of :data:`UNET_CONFIGS` (``"sd15"``, ``"sd21"``, ``"sdxl"``, ``"tiny"``,
-            ``"tiny-xl"``).
+            ``"tiny-sd2"``, ``"tiny-xl"``).
 
     Returns:
         A deep copy, so callers may edit it without changing the module-level constant.

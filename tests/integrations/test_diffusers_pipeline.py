@@ -65,6 +65,37 @@ def test_saved_quantized_pipeline_reloads_with_identical_images(folder, tmp_path
     assert (_images(loaded, seed=3) == images).all()
 
 
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_calibrate_hit_the_cache_and_reload_saved(kind, tmp_path) -> None:
+    """The SD1.5 tests above, once per other family: SD2.x (v-prediction, linear projections) and SDXL (two text
+    encoders, micro-conditioning through ``added_cond_kwargs``), with learned rounding (w4a8 + QUICK)."""
+    folder = save_tiny_pipeline(tmp_path / f"tiny-{kind}", kind, seed=0)
+    cache = tmp_path / "cache"
+    pipe = FPQuantPipeline.from_pretrained(folder, "w4a8", cache_dir=cache, progress=False, **KW)
+    assert pipe.fpq_info["cache_hit"] is False and type(pipe).__name__ == type(_float_pipe(folder)).__name__
+    assert len(fpq.quantized_layers(pipe.unet)) == len(_linear_and_conv_layers(_float_pipe(folder).unet))
+    images = _images(pipe, seed=1)
+    float_images = _images(_float_pipe(folder), seed=1)
+    assert np.isfinite(images).all() and not np.array_equal(images, float_images)
+    again = FPQuantPipeline.from_pretrained(folder, "w4a8", cache_dir=cache, progress=False, **KW)
+    assert again.fpq_info["cache_hit"] is True and (_images(again, seed=1) == images).all()
+    shared = save_quantized_pipeline(again, tmp_path / "shared")
+    loaded = FPQuantPipeline.from_pretrained(shared)
+    assert (_images(loaded, seed=1) == images).all()
+
+
+def _float_pipe(folder):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _linear_and_conv_layers(module: torch.nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
 # ---- progress, cancellation, and the quantized UNet inside the rest of diffusers ------------------------------------
 
 # Activation calibration through the pipeline's own sampler, no learned rounding: quick, and these tests are about

@@ -66,6 +66,24 @@ def test_sdxl_kind_works_and_reloads(tmp_path: Path) -> None:
     assert np.array_equal(image, _generate(reloaded))
 
 
+def test_sd2_kind_is_v_prediction_with_linear_projections(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = build_tiny_pipeline("sd2", seed=0)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.use_linear_projection and pipe.text_encoder.config.hidden_act == "gelu"
+    # Linear proj_in (SD2) where SD1 has a 1x1 convolution.
+    assert isinstance(pipe.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    image = _generate(pipe)
+    assert np.isfinite(image).all() and not np.array_equal(image, _generate(build_tiny_pipeline("sd15", seed=0)))
+    folder = save_tiny_pipeline(tmp_path / "tiny-sd2", "sd2", seed=0)
+    reloaded = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.scheduler.config.prediction_type == "v_prediction"
+    assert np.array_equal(image, _generate(reloaded))
+
+
 def test_euler_scheduler() -> None:
     from diffusers import EulerDiscreteScheduler
 
