@@ -49,6 +49,7 @@ TEXT_VOCAB_SIZE = 1000
 #: Context length; kept at CLIP's 77 so prompt handling (truncation, padding) matches real pipelines.
 TEXT_MAX_LENGTH = 77
 _TEXT_HIDDEN = 32
+_TEXT_HIDDEN_2 = 48  # SDXL's second encoder: wider than the first, as OpenCLIP bigG (1280) is wider than CLIP-L (768)
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
 _END_OF_WORD = "</w>"
@@ -198,12 +199,14 @@ def _load_tokenizer(tokenizer_dir: str | os.PathLike[str] | None, pad_token: str
     )
 
 
-def _text_config(hidden_act: str, projection_dim: int, eos_id: int, bos_id: int, pad_id: int) -> Any:
+def _text_config(
+    hidden_act: str, projection_dim: int, eos_id: int, bos_id: int, pad_id: int, hidden_size: int = _TEXT_HIDDEN
+) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=TEXT_VOCAB_SIZE,
-        hidden_size=_TEXT_HIDDEN,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -310,7 +313,7 @@ def build_tiny_pipeline(
             pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
             # OpenCLIP bigG (SDXL's second encoder) uses gelu.
             text_encoder_2 = CLIPTextModelWithProjection(
-                _text_config("gelu", pooled_dim, eos_id, bos_id, tokenizer_2.pad_token_id)
+                _text_config("gelu", pooled_dim, eos_id, bos_id, tokenizer_2.pad_token_id, _TEXT_HIDDEN_2)
             )
     sched = sd_scheduler(scheduler, PREDICTION_TYPES[unet_name])
 

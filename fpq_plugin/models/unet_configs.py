@@ -154,8 +154,9 @@ TINY_SD2: dict[str, Any] = {
 }
 
 #: Tiny SDXL-family UNet: text_time additional embeddings, linear projections, several transformer layers per
-#: block. ``cross_attention_dim`` is 64 because the SDXL pipeline concatenates the hidden states of its two text
-#: encoders (32 + 32 in the tiny pipeline), exactly like 768 + 1280 = 2048 in the real model.
+#: block. ``cross_attention_dim`` is 80 because the SDXL pipeline concatenates the hidden states of its two text
+#: encoders (32 + 48 in the tiny pipeline), exactly like 768 + 1280 = 2048 in the real model; the two widths
+#: differ, as in the real model, because diffusers' single-file loader tells the encoders apart by width.
 TINY_XL: dict[str, Any] = {
     "sample_size": 16,
     "in_channels": 4,
@@ -170,7 +171,7 @@ TINY_XL: dict[str, Any] = {
     "act_fn": "silu",
     "norm_num_groups": 8,
     "norm_eps": 1e-5,
-    "cross_attention_dim": 64,
+    "cross_attention_dim": 80,
     "transformer_layers_per_block": [1, 2],
     "attention_head_dim": [2, 4],
     "use_linear_projection": True,

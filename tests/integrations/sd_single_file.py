@@ -1,9 +1,11 @@
-"""Write an SD1.x diffusers pipeline as one original-layout (CompVis / A1111) ``.safetensors`` checkpoint.
+"""Write an SD1.x or SDXL diffusers pipeline as one original-layout (CompVis / SGM / A1111) ``.safetensors`` file.
 
 Test helper: diffusers converts original single files to its own layout (``diffusers.loaders.single_file_utils``)
 but ships no converter the other way inside the package, so the tests that load single files make one here. The
 key names follow the original LDM layout that those converters read (``model.diffusion_model.input_blocks.N.M``,
-``first_stage_model.encoder.down.N.block.M``, ``cond_stage_model.transformer.text_model.*``); only the top-level
+``first_stage_model.encoder.down.N.block.M``, ``cond_stage_model.transformer.text_model.*``; SDXL's
+``conditioner.embedders.0.transformer.text_model.*`` and the OpenCLIP ``conditioner.embedders.1.model.*``, whose
+attention keeps q, k and v in one ``in_proj`` matrix and whose projection is stored transposed); only the top-level
 renames are taken from diffusers' own ``DIFFUSERS_TO_LDM_MAPPING`` table. ``to_original_layout`` is checked
 against diffusers' converters in tests/integrations/test_single_file.py (every tensor lands back on its own key).
 """
@@ -17,6 +19,16 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+
+_OPENCLIP_LAYER = (  # transformers CLIPEncoderLayer name -> OpenCLIP ResidualAttentionBlock name
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+    ("self_attn.out_proj.", "attn.out_proj."),
+)
 
 _UNET_RESNET = (  # diffusers ResnetBlock2D name -> LDM ResBlock name
     ("norm1", "in_layers.0"),
@@ -126,13 +138,42 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> d
     return out
 
 
+def openclip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModelWithProjection`` state dict in the OpenCLIP text-tower layout (no prefix)."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T,  # OpenCLIP computes x @ P, transformers x @ W.T
+    }
+    state.pop("embeddings.position_ids", None)  # a buffer of older transformers, not a weight
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
+        for key in [k for k in state if k.startswith(src)]:
+            out[dst + _rename(key[len(src):], _OPENCLIP_LAYER)] = state.pop(key)
+    if state:
+        raise KeyError(f"no OpenCLIP name for text encoder keys {sorted(state)}")
+    return out
+
+
 def to_original_layout(pipe: Any) -> dict[str, torch.Tensor]:
-    """Every weight of an SD1.x ``StableDiffusionPipeline`` under its original single-file key."""
-    te_state = pipe.text_encoder.state_dict()
-    te = {k.removeprefix("text_model."): v for k, v in te_state.items()}
+    """Every weight of an SD1.x ``StableDiffusionPipeline`` or a ``StableDiffusionXLPipeline`` under its original
+    single-file key."""
+    te = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
     out = {UNET_PREFIX + k: v for k, v in unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config)).items()}
     out.update({VAE_PREFIX + k: v for k, v in vae_to_original(pipe.vae.state_dict(), dict(pipe.vae.config)).items()})
-    out.update({CLIP_PREFIX + k: v for k, v in te.items()})
+    if getattr(pipe, "text_encoder_2", None) is None:
+        out.update({CLIP_PREFIX + k: v for k, v in te.items()})
+    else:
+        out.update({SDXL_CLIP_PREFIX + k: v for k, v in te.items()})
+        te2 = openclip_to_original(pipe.text_encoder_2.state_dict())
+        out.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in te2.items()})
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 

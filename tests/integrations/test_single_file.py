@@ -1,5 +1,5 @@
-"""Single-file checkpoints: an original-layout .safetensors of the tiny SD1.5 pipeline, loaded offline with a
-local config folder, quantized, and compared with the folder-loaded pipeline."""
+"""Single-file checkpoints: original-layout .safetensors files of the tiny SD1.5 and SDXL pipelines, loaded offline
+with a local config folder, quantized, and compared with the folder-loaded pipeline."""
 
 from __future__ import annotations
 
@@ -27,21 +27,31 @@ def _images(pipe, seed: int = 0):
                 generator=torch.Generator().manual_seed(seed), output_type="np").images
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """(pipeline folder, single file, config folder without any weights)."""
+def _single_file_set(root, kind: str):
+    """(pipeline folder, single file, config folder without any weights) of the tiny ``kind`` pipeline."""
     from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("single")
-    folder = save_tiny_pipeline(root / "tiny-sd15", "sd15", seed=0)
-    single = root / "tiny-sd15.safetensors"
+    folder = save_tiny_pipeline(root / f"tiny-{kind}", kind, seed=0)
+    single = root / f"tiny-{kind}.safetensors"
     save_file(to_original_layout(DiffusionPipeline.from_pretrained(str(folder))), str(single))
-    config = root / "configs"
+    config = root / f"configs-{kind}"
     shutil.copytree(folder, config)
     for weights in config.rglob("*.safetensors"):
         weights.unlink()  # the weights must come from the single file
     return folder, single, config
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return _single_file_set(tmp_path_factory.mktemp("single"), "sd15")
+
+
+def _assert_same_components(reference, loaded, names) -> None:
+    assert type(loaded) is type(reference)
+    for name in names:
+        a, b = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_original_layout_round_trips_through_diffusers_converters(files) -> None:
@@ -64,11 +74,7 @@ def test_single_file_loads_offline_with_a_config_folder(files) -> None:
 
     folder, single, config = files
     loaded = load_single_file_pipeline(single, config=config)
-    reference = DiffusionPipeline.from_pretrained(str(folder))
-    assert type(loaded) is type(reference)
-    for name in ("unet", "vae", "text_encoder"):
-        a, b = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    _assert_same_components(DiffusionPipeline.from_pretrained(str(folder)), loaded, ("unet", "vae", "text_encoder"))
 
 
 def test_quantized_single_file_matches_the_folder_pipeline(files, tmp_path) -> None:
@@ -77,6 +83,22 @@ def test_quantized_single_file_matches_the_folder_pipeline(files, tmp_path) -> N
     from_file = FPQuantPipeline.from_pretrained(single, "w8a8", config=config, cache_dir=tmp_path / "b", **KW)
     assert not from_folder.fpq_info["cache_hit"] and not from_file.fpq_info["cache_hit"]  # both calibrated
     assert from_file.fpq_info["fingerprint"] == from_folder.fpq_info["fingerprint"]
+    assert from_file.fpq_info["cache_key"] == from_folder.fpq_info["cache_key"]
+    assert (_images(from_file) == _images(from_folder)).all()
+
+
+def test_sdxl_single_file_loads_and_quantizes_like_its_folder(tmp_path) -> None:
+    """SDXL's original layout: two text encoders (CLIP-L under ``conditioner.embedders.0``, OpenCLIP bigG with its
+    fused q/k/v under ``conditioner.embedders.1``), micro-conditioning embeddings in the UNet."""
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    folder, single, config = _single_file_set(tmp_path, "sdxl")
+    loaded = load_single_file_pipeline(single, config=config)
+    assert isinstance(loaded, StableDiffusionXLPipeline)
+    _assert_same_components(DiffusionPipeline.from_pretrained(str(folder)), loaded,
+                            ("unet", "vae", "text_encoder", "text_encoder_2"))
+    from_folder = FPQuantPipeline.from_pretrained(folder, "w8a8", cache_dir=tmp_path / "a", **KW)
+    from_file = FPQuantPipeline.from_pretrained(single, "w8a8", config=config, cache_dir=tmp_path / "b", **KW)
     assert from_file.fpq_info["cache_key"] == from_folder.fpq_info["cache_key"]
     assert (_images(from_file) == _images(from_folder)).all()
 
