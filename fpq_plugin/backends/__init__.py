@@ -86,6 +86,19 @@ def _auto_pick(layer, x: torch.Tensor):
     raise LayerQuantizationError(f"no backend can run {layer!r} on {x.device}")  # dequant always can
 
 
+_announced: set[tuple[str, str, str]] = set()
+
+
+def _log_first_use(name: str, kind: str, x: torch.Tensor) -> None:
+    """One log line the first time 'auto' runs a layer kind on a backend and device: which path really computes
+    (e.g. "linear on 'fp8' (cuda:0)" is the FP8 tensor-core path), for logs such as ComfyUI's."""
+    key = (name, kind, str(x.device))
+    if key not in _announced:
+        _announced.add(key)
+        logger.info("fpq: backend 'auto' runs quantized %s layers on %r (%s, %s input)", kind, name, x.device,
+                    str(x.dtype).removeprefix("torch."))
+
+
 def dispatch(layer, x: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``x`` with the backend it names."""
     if layer.backend == "auto":
@@ -105,6 +118,7 @@ def dispatch(layer, x: torch.Tensor) -> torch.Tensor:
             _load_optional_backends()
             key = (x.device, x.dtype, len(AUTO_ORDER))
         backend = _auto_pick(layer, x)
+        _log_first_use(backend.name, layer.kind, x)
         fn = getattr(backend, layer.kind)
         _AUTO_CACHE[layer] = (key, fn)
         if x.is_cuda:  # for torch.compile of this (GPU) model later

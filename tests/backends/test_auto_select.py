@@ -110,3 +110,14 @@ def test_dispatch_cache_is_not_pickled():
     assert "_fpq_auto" not in lin.__dict__
     pickle.loads(pickle.dumps(lin))
     copy.deepcopy(lin)
+
+
+def test_first_use_of_a_backend_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(B, "_announced", set())
+    lin = QLinear(16, 8, "e4m3fn", "e4m3fn")
+    lin.set_input_quantizer(0.01)
+    with caplog.at_level("INFO", logger="fpq_plugin.backends"):
+        lin(torch.randn(2, 16))
+        QLinear(16, 8, "e4m3fn", None)(torch.randn(2, 16))  # another layer, same kind, backend and device
+    lines = [r.getMessage() for r in caplog.records if "runs quantized" in r.getMessage()]
+    assert lines == ["fpq: backend 'auto' runs quantized linear layers on 'dequant' (cpu, float32 input)"]

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.comfy
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFY_PYTHON = os.environ.get("FPQ_COMFY_PYTHON", sys.executable)
+# ComfyUI's device flags. "--cpu" by default; on a GPU machine set FPQ_COMFY_SERVER_ARGS="" (or "--lowvram") to run
+# the same tests on the GPU, where the plain -> quantized -> plain test also checks the FP8 tensor-core path ran.
+SERVER_ARGS = os.environ.get("FPQ_COMFY_SERVER_ARGS", "--cpu").split()
 
 UNET, CLIP, VAE, LORA = (
     "tiny_sd15_unet.safetensors",
@@ -123,6 +126,11 @@ class Comfy:
         text = self.log.read_text()
         return text.count(") quantized, model"), text.count(") loaded from the fpq cache, model")
 
+    def on_cuda(self) -> bool:
+        """True when the server computes on an NVIDIA GPU (started without --cpu on a CUDA machine)."""
+        _, stats = self.request("/system_stats")
+        return any(d.get("type") == "cuda" for d in (stats or {}).get("devices", []))
+
     def free(self) -> None:
         """Unload every model and drop ComfyUI's node-output cache (the next prompt runs from scratch)."""
         self.request("/free", {"unload_models": True, "free_memory": True})
@@ -170,8 +178,8 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
     log = base / "server.log"
     with open(log, "w") as log_fh:
         server = subprocess.Popen(
-            [COMFY_PYTHON, str(Path(COMFYUI_PATH) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+            [COMFY_PYTHON, str(Path(COMFYUI_PATH) / "main.py"), *SERVER_ARGS, "--listen", "127.0.0.1",
+             "--port", str(port), "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
             cwd=base, env=env, stdout=log_fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     client = Comfy(f"http://127.0.0.1:{port}", base, log)
@@ -277,6 +285,12 @@ def test_quantized_graph_is_close_to_plain_and_leaves_it_unchanged(comfy: Comfy)
 
     again, _ = comfy.image(t2i_graph(prefix="plain_again"))
     assert np.array_equal(plain, again), "the plain graph's image changed after the quantized run"
+    if comfy.on_cuda():  # sm_89+: the W8A8 Linear layers must have run on the FP8 tensor cores, not a fallback
+        log = comfy.log.read_text()
+        used = re.findall(r"runs quantized (\w+) layers on '(\w+)' \((cuda[^,]*)", log)
+        print(f"backends used on the GPU: {sorted(set(used))}")
+        if "is not using the 'fp8' backend on this machine" not in log:  # fpq's one-time warning on pre-sm_89 GPUs
+            assert any(kind == "linear" and name == "fp8" for kind, name, _ in used), used
 
     # After unloading everything, the node runs again and finds its result in fpq's cache (models/fpq_cache).
     comfy.free()
