@@ -5,7 +5,8 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
 
 * floors: bf16 and fp8 (``torch._scaled_mm``) matmul TFLOP/s at 8192^3 and device-to-device copy bandwidth;
 * variants: ``bf16`` (eager), ``fpq_w8a8`` (backend auto: FP8 Linear through cuBLAS, convs through the decode path),
-  ``fpq_w8a8_fused`` (same model, Linear through the fused-cast Triton kernel), ``fpq_w4a8``, ``fpq_w4a16``
+  ``fpq_w8a8_fused`` (same model, Linear through the fused-cast Triton kernel), ``fpq_w8a8_igemm`` (same model,
+  Conv2d through the FP8 implicit-GEMM kernel; opt-in variant, not in the default list yet), ``fpq_w4a8``, ``fpq_w4a16``
   (RTN ``quantize_`` with absmax activation scales from one observed forward) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
@@ -162,15 +163,15 @@ def torchao_copy(base):
 
 
 @contextlib.contextmanager
-def fp8_method(method):
+def fp8_method(method, conv_method="decode"):
     from fpq_plugin.kernels import backend as kb
 
-    old = kb.FP8_LINEAR_METHOD
-    kb.FP8_LINEAR_METHOD = method
+    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD
+    kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = method, conv_method
     try:
         yield
     finally:
-        kb.FP8_LINEAR_METHOD = old
+        kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def fp8_method(method):
 
 
 def call(variant, inp):
-    with torch.no_grad(), fp8_method(variant.get("method", "auto")):
+    with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode")):
         return variant["model"](**inp, return_dict=False)[0]
 
 
@@ -389,7 +390,7 @@ def main():
         info = {"bf16": {"weight_MiB": round(weight_bytes(base) / 2**20, 1)}}
         need = set(wanted) | (set(args.compile_variants.split(",")) if args.compile_only else set())
         for vname, recipe in (("fpq_w8a8", "w8a8"), ("fpq_w4a8", "w4a8"), ("fpq_w4a16", "w4a16")):
-            if vname not in need and not (vname == "fpq_w8a8" and "fpq_w8a8_fused" in need):
+            if vname not in need and not (vname == "fpq_w8a8" and need & {"fpq_w8a8_fused", "fpq_w8a8_igemm"}):
                 continue
             t = time.time()
             try:
@@ -405,6 +406,9 @@ def main():
             if vname == "fpq_w8a8" and "fpq_w8a8_fused" in need:
                 variants.append({"name": "fpq_w8a8_fused", "model": m, "method": "fused"})
                 info["fpq_w8a8_fused"] = dict(info[vname])
+            if vname == "fpq_w8a8" and "fpq_w8a8_igemm" in need:  # same model, convs on the FP8 implicit GEMM
+                variants.append({"name": "fpq_w8a8_igemm", "model": m, "conv_method": "implicit_gemm"})
+                info["fpq_w8a8_igemm"] = dict(info[vname])
             log(f"{name} {vname} quantized in {time.time() - t:.1f}s, {info[vname]['weight_MiB']} MiB")
         if "torchao_fp8_row" in need:
             try:

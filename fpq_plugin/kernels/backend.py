@@ -8,8 +8,9 @@
     then ``torch._scaled_mm`` with the per-channel scale (times the activation scale) in its epilogue; 4-bit weights
     are first decoded into a transient fp8 ``(N, K)`` tensor. ``method="fused"``: the Triton kernel of
     :mod:`fpq_plugin.kernels.fp8_linear` that casts the activation while loading its tile (one launch, but slower
-    on the device: see benchmarks/NOTES_GPU.md). Conv2d layers (no FP8 convolution kernel yet) run the ``decode``
-    path below.
+    on the device: see benchmarks/NOTES_GPU.md). Conv2d layers run the ``decode`` path below, or, with
+    ``FP8_CONV_METHOD = "implicit_gemm"``, the FP8 implicit-GEMM kernel of :mod:`fpq_plugin.kernels.fp8_conv`
+    (opt-in until it is measured on a GPU).
 ``decode`` (any CUDA GPU with Triton: Ampere and newer for bf16)
     Weights decoded per call (Triton, 16/256-entry table, per-channel scale and the activation scale folded in) into
     a transient tensor of the input's dtype; FP8 activations rounded through their grid in one Triton pass (the grid
@@ -42,6 +43,10 @@ _FLOAT_X = (torch.bfloat16, torch.float16, torch.float32)
 
 # "auto" | "cublas" | "fused": how the fp8 backend runs a Linear (benchmarks/bench_unet.py compares them).
 FP8_LINEAR_METHOD = "auto"
+# "decode" | "implicit_gemm": how the fp8 backend runs a Conv2d. "implicit_gemm" (fp8_conv: the activation cast
+# fused into the A-tile gather, FP8 tensor cores) is logic-tested under the Triton interpreter but not yet measured
+# on a GPU, so it is opt-in; benchmarks/bench_unet.py's fpq_w8a8_igemm variant compares the two.
+FP8_CONV_METHOD = "decode"
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
@@ -115,6 +120,7 @@ class _State:
             self.scale_b = (self.xs.float() * self.ws).expand(self.n).reshape(1, self.n).contiguous()
         self.ones: dict[int, torch.Tensor] = {}
         self.plan = None  # fp8_linear.LinearPlan, made on the first fused call
+        self.conv_w = None  # fp8_conv.PreparedConvWeight, made on the first implicit-GEMM call
         self.cublas_bad: set[int] = set()  # M values _scaled_mm refused
         # Cached direct kernel launches (qops.Launch), made by the first call of each kind: the eager UNet is
         # launch-bound on slow hosts, so a repeat call should cost a few C calls, not Triton's binder.
@@ -382,11 +388,25 @@ class Fp8Backend:
     def conv2d(self, layer, x: torch.Tensor) -> torch.Tensor:
         if _compiling():
             return _decode_conv_torch(layer, x)
+        # (string paddings, 'same' with even kernels being asymmetric, and grouped convolutions stay on decode)
+        if FP8_CONV_METHOD == "implicit_gemm" and layer.groups == 1 and x.dim() == 4 and \
+                not isinstance(layer.padding, str):
+            return self._implicit_gemm_conv(layer, x)
         if not self._conv_note:
             self._conv_note = True
             logger.info("fpq: fp8 backend: Conv2d layers run the 'decode' path (bf16 convolution on FP8-rounded "
-                        "inputs); there is no FP8 convolution kernel yet")
+                        "inputs); FP8_CONV_METHOD='implicit_gemm' selects the FP8 implicit-GEMM kernel")
         return self._decode.conv2d(layer, x)
+
+    def _implicit_gemm_conv(self, layer, x: torch.Tensor) -> torch.Tensor:
+        from fpq_plugin.kernels import fp8_conv
+
+        st = _state(layer)
+        if st.conv_w is None:
+            st.conv_w = fp8_conv.prepare_conv_weight(layer.weight_codes, layer.weight_shape[1],
+                                                     layer.weight_shape[2:], st.table if st.bits4 else None)
+        return fp8_conv.fp8_conv2d(x, st.conv_w, st.ws, st.xs, st.bias_as(x.dtype), stride=layer.stride,
+                                   padding=layer.padding, dilation=layer.dilation, act_dtype=st.act_dtype)
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         if _compiling():

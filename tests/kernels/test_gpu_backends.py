@@ -179,6 +179,18 @@ def test_interp_decode_backend(kind, w, a, monkeypatch):
     assert rel_max(got, ref) < 0.2
 
 
+@interp
+@pytest.mark.parametrize("w", ["e4m3fn", "e2m1"])
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 1)])
+def test_interp_fp8_backend_implicit_gemm_conv(w, k, stride, monkeypatch):
+    monkeypatch.setattr(kb, "FP8_CONV_METHOD", "implicit_gemm")
+    lyr = make_layer("conv", w, "e4m3fn", k=k, stride=stride)
+    x = x_for(lyr, (2,), torch.float32, "cpu")
+    got = kb.Fp8Backend(kb.DecodeBackend()).conv2d(lyr, x)
+    ref = get_backend("reference").conv2d(lyr, x)
+    assert got.shape == ref.shape and rel_max(got, ref) < 0.2  # logic check, as above
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------------------
@@ -259,6 +271,24 @@ def test_gpu_conv_backends_vs_reference(w, a, k, stride, channels_last):
     assert torch.equal(lyr(x), got)  # the second call runs the cached launches
     bound = 2 * ULP[torch.bfloat16] + 1e-4 * math.sqrt(lyr.reduction)
     assert rel_max(got, ref) <= bound
+
+
+@gpu
+@needs_sm89
+@pytest.mark.parametrize("w", ["e4m3fn", "e2m1", "e3m0"])
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_implicit_gemm_conv_vs_reference(w, k, stride, channels_last, monkeypatch):
+    kb.register_kernel_backends()
+    monkeypatch.setattr(kb, "FP8_CONV_METHOD", "implicit_gemm")
+    lyr = make_layer("conv", w, "e4m3fn", n=64, c=32, k=k, stride=stride, device="cuda")
+    x = x_for(lyr, (2,), torch.bfloat16, "cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ref = get_backend("reference").conv2d(lyr, x)
+    got = get_backend("fp8").conv2d(lyr, x)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rel_max(got, ref) <= ULP[torch.bfloat16] + 1e-4 * math.sqrt(lyr.reduction)
 
 
 @gpu
