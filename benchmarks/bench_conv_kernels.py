@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import Counter
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_unet import _time_ms  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from fpq_plugin.kernels import fp8_conv as fc  # noqa: E402
 from fpq_plugin.models.unet_configs import build_unet, example_unet_inputs  # noqa: E402
@@ -59,36 +60,24 @@ def conv_shapes(name: str, dev) -> Counter:
 
 
 def graph_ms(fn, reps: int = 20) -> float:
-    fn()
+    """Device time of one call: four calls captured in a CUDA graph (after a warm-up on a side stream, as capture
+    requires), replayed ``reps`` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(4):
             fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 4)
-    return statistics.median(times)
+    return _time_ms(g.replay, reps=reps, warm=2) / 4
 
 
 def eager_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return _time_ms(fn, reps=reps, warm=3)
 
 
 def case(shape, dev):

@@ -109,10 +109,11 @@ def prepare_conv_weight(
     return PreparedConvWeight(ordered, n, in_channels, kh, kw)
 
 
-# The jit function below is plain Python until _kernels() wraps it; `tl` and `_to_fp8` are bound then (the
-# activation cast is fp8_linear's, so both kernels round identically).
+# The jit function below is plain Python until _kernels() wraps it; `tl` and fp8_linear's jit helpers are bound
+# then (the activation cast is fp8_linear's, so both kernels round identically).
 tl = None
 _to_fp8 = None
+_tile_of_program = None
 
 
 def _fp8_conv_kernel(
@@ -124,15 +125,7 @@ def _fp8_conv_kernel(
     WS_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,10 +177,10 @@ def _fp8_conv_kernel(
 
 @functools.cache
 def _kernels():
-    global tl, _to_fp8, _fp8_conv_kernel
+    global tl, _to_fp8, _tile_of_program, _fp8_conv_kernel
     triton, _, _ = fl._kernels()  # binds fp8_linear's jit helpers
     tl = triton.language
-    _to_fp8 = fl._to_fp8
+    _to_fp8, _tile_of_program = fl._to_fp8, fl._tile_of_program
     _fp8_conv_kernel = triton.jit(_fp8_conv_kernel, do_not_specialize=["M"])
     return triton, _fp8_conv_kernel
 

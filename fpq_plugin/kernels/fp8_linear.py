@@ -347,6 +347,20 @@ def _dot_w4(a8, b, acc, t0, t1, t2, t3, l0, l1, LUT_ASM: tl.constexpr, IMPRECISE
     return _dot_acc(a_odd, b_hi, acc, IMPRECISE_ACC)
 
 
+def _tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program: output tiles in groups of GROUP_M rows, so programs running together share
+    their A rows and B columns in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
 def _fp8_linear_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr,
     M, N, K, KP,
@@ -361,15 +375,7 @@ def _fp8_linear_kernel(
     """x_ptr / w_ptr are plain pointers, or (USE_TMA) tensor descriptors with blocks [BLOCK_M, BLOCK_K] of x and
     [BLOCK_N, BLOCK_K] (8-bit) / [BLOCK_N, BLOCK_K // 2] (4-bit) of the codes; TMA fills out-of-range with 0."""
     HALF_K: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,7 +460,8 @@ _NO_SPECIALIZE = ["M", "t0", "t1", "t2", "t3", "l0", "l1"]
 
 @functools.cache
 def _kernels():
-    global tl, _lut_asm, _lut_portable, _to_fp8, _dot_acc, _dot_w4, _fp8_linear_kernel, _quant_kernel
+    global tl, _lut_asm, _lut_portable, _to_fp8, _dot_acc, _dot_w4, _tile_of_program
+    global _fp8_linear_kernel, _quant_kernel
     try:
         import triton
         import triton.language
@@ -466,6 +473,7 @@ def _kernels():
     _to_fp8 = triton.jit(_to_fp8)
     _dot_acc = triton.jit(_dot_acc)
     _dot_w4 = triton.jit(_dot_w4)
+    _tile_of_program = triton.jit(_tile_of_program)
     _fp8_linear_kernel = triton.jit(_fp8_linear_kernel, do_not_specialize=_NO_SPECIALIZE)
     _quant_kernel = triton.jit(_quant_kernel)
     return triton, _fp8_linear_kernel, _quant_kernel
