@@ -6,7 +6,8 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
 * floors: bf16 and fp8 (``torch._scaled_mm``) matmul TFLOP/s at 8192^3 and device-to-device copy bandwidth;
 * variants: ``bf16`` (eager), ``fpq_w8a8`` (backend auto: FP8 Linear through cuBLAS, convs through the decode path),
   ``fpq_w8a8_fused`` (same model, Linear through the fused-cast Triton kernel), ``fpq_w8a8_igemm`` (same model,
-  Conv2d through the FP8 implicit-GEMM kernel; opt-in variant, not in the default list yet), ``fpq_w4a8``, ``fpq_w4a16``
+  Conv2d through the FP8 implicit-GEMM kernel), ``bf16_cl`` / ``fpq_w8a8_igemm_cl`` (channels-last), ``fpq_w4a8``,
+  ``fpq_w4a16``
   (RTN ``quantize_`` with absmax activation scales from one observed forward) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
@@ -180,6 +181,8 @@ def fp8_method(method, conv_method="decode"):
 
 
 def call(variant, inp):
+    if variant.get("channels_last"):  # the latent arrives channels-last; every conv output then stays so
+        inp = dict(inp, sample=inp["sample"].contiguous(memory_format=torch.channels_last))
     with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode")):
         return variant["model"](**inp, return_dict=False)[0]
 
@@ -388,9 +391,14 @@ def main():
         ranges = input_ranges(base, inputs[max(batches)])
         variants = [{"name": "bf16", "model": base}]
         info = {"bf16": {"weight_MiB": round(weight_bytes(base) / 2**20, 1)}}
+        if "bf16_cl" in wanted:  # cuDNN's fastest bf16 layout: channels-last weights and activations
+            variants.append({"name": "bf16_cl", "model": copy.deepcopy(base).to(memory_format=torch.channels_last),
+                             "channels_last": True})
+            info["bf16_cl"] = dict(info["bf16"])
         need = set(wanted) | (set(args.compile_variants.split(",")) if args.compile_only else set())
         for vname, recipe in (("fpq_w8a8", "w8a8"), ("fpq_w4a8", "w4a8"), ("fpq_w4a16", "w4a16")):
-            if vname not in need and not (vname == "fpq_w8a8" and need & {"fpq_w8a8_fused", "fpq_w8a8_igemm"}):
+            shares_w8a8 = need & {"fpq_w8a8_fused", "fpq_w8a8_igemm", "fpq_w8a8_igemm_cl"}
+            if vname not in need and not (vname == "fpq_w8a8" and shares_w8a8):
                 continue
             t = time.time()
             try:
@@ -406,9 +414,11 @@ def main():
             if vname == "fpq_w8a8" and "fpq_w8a8_fused" in need:
                 variants.append({"name": "fpq_w8a8_fused", "model": m, "method": "fused"})
                 info["fpq_w8a8_fused"] = dict(info[vname])
-            if vname == "fpq_w8a8" and "fpq_w8a8_igemm" in need:  # same model, convs on the FP8 implicit GEMM
-                variants.append({"name": "fpq_w8a8_igemm", "model": m, "conv_method": "implicit_gemm"})
-                info["fpq_w8a8_igemm"] = dict(info[vname])
+            for cl in ("", "_cl"):  # same model, convs on the FP8 implicit GEMM (NCHW or channels-last latent)
+                if vname == "fpq_w8a8" and f"fpq_w8a8_igemm{cl}" in need:
+                    variants.append({"name": f"fpq_w8a8_igemm{cl}", "model": m, "conv_method": "implicit_gemm",
+                                     "channels_last": bool(cl)})
+                    info[f"fpq_w8a8_igemm{cl}"] = dict(info[vname])
             log(f"{name} {vname} quantized in {time.time() - t:.1f}s, {info[vname]['weight_MiB']} MiB")
         if "torchao_fp8_row" in need:
             try:

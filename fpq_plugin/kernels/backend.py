@@ -214,7 +214,8 @@ def _fp8_linear_torch(layer, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    if layer.input_format.name == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
+    # rowwise-scaled _scaled_mm exists on CUDA only (torch 2.11's CPU build asserts per-tensor scales)
+    if x.is_cuda and layer.input_format.name == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
         scale_b = (layer.input_scale * layer.weight_scale).expand(n).reshape(1, n).contiguous()
         y = torch._scaled_mm(_quant_torch(x2, layer), _decode_fp8_torch(layer).t(),
                              scale_a=torch.ones((m, 1), device=x.device), scale_b=scale_b, bias=bias,

@@ -171,8 +171,11 @@ def make_comfy_fp8_unet(models_dir: str, unet_sd: dict[str, torch.Tensor]) -> bo
     import json
 
     try:
+        import comfy.quant_ops as qo
         from comfy.quant_ops import TensorCoreFP8E4M3Layout
     except ImportError:
+        return False
+    if not getattr(qo, "_CK_AVAILABLE", True):  # ComfyUI 0.8 makes this format through comfy_kitchen only
         return False
     out = {}
     for key, value in unet_sd.items():

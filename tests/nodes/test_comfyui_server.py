@@ -167,11 +167,12 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
     # One torch thread: on a busy 2-core machine, two threads competing with other jobs ran ten times slower.
     env.setdefault("OMP_NUM_THREADS", "1")
-    subprocess.run(
+    made = subprocess.run(
         [COMFY_PYTHON, str(Path(__file__).with_name("make_comfy_test_models.py")),
          "--comfyui", COMFYUI_PATH, "--models-dir", str(base / "models")],
-        check=True, env=env, cwd=base, capture_output=True, timeout=300,
+        env=env, cwd=base, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    assert made.returncode == 0, f"making the test models failed:\n{made.stderr[-4000:]}"
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "fpq").symlink_to(REPO, target_is_directory=True)
     port = _free_port()
