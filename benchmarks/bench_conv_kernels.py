@@ -7,7 +7,9 @@ every Conv2d call's shape; each distinct shape is then timed in one process, var
 * ``cudnn_cl``: the same in channels-last (no layout transform inside cuDNN);
 * ``decode``: fpq's current W8A8 conv path (weight decode + activation rounding passes, then cuDNN), channels-last;
 * ``igemm``: ``fp8_conv2d`` (activation cast fused into the A-tile gather, FP8 tensor cores), channels-last, with
-  each of a few block configs; the best one is reported and kept in the JSON.
+  each of a few block configs; the best one is reported and kept in the JSON;
+* ``igemm_nchw`` / ``igemm_cl_copy``: the same kernel and config on the NCHW activation a diffusers UNet passes,
+  gathered in place or first copied to channels-last.
 
 Times are medians of CUDA-graph replays (device time) and of eager calls, summed over the UNet's calls of each
 shape. Also checked: ``igemm`` against ``fp8_conv2d_reference`` (max error relative to max|ref|). Prints a table
@@ -148,20 +150,29 @@ def main() -> None:
                 out = fn()
                 row.update(igemm_config=list(cfg), igemm_graph_ms=best[1], igemm_eager_ms=eager_ms(fn, args.reps),
                            igemm_rel_err=float((out.float() - ref.float()).abs().max() / ref.float().abs().max()))
+                # What a diffusers UNet hands the kernel: NCHW activations (GroupNorm returns contiguous tensors),
+                # gathered as they are, or first copied to channels-last (one extra pass).
+                nchw = lambda: fc.fp8_conv2d(x, pw, ws, xs, bias, stride=stride, padding=pad, config=cfg)  # noqa: E731
+                copied = lambda: fc.fp8_conv2d(  # noqa: E731
+                    x.contiguous(memory_format=torch.channels_last), pw, ws, xs, bias, stride=stride, padding=pad,
+                    config=cfg)
+                row.update(igemm_nchw_graph_ms=graph_ms(nchw, args.reps),
+                           igemm_cl_copy_graph_ms=graph_ms(copied, args.reps))
             rows.append(row)
             print(f"[{time.time() - t0:5.0f}s] {name} {shape} x{count}: " + ", ".join(
                 f"{k_}={v:.4f}" for k_, v in row.items() if k_.endswith("_ms")), flush=True)
         totals = {v: sum(r.get(f"{v}_graph_ms", float("nan")) * r["calls"] for r in rows)
-                  for v in ("cudnn_nchw", "cudnn_cl", "decode", "igemm")}
+                  for v in ("cudnn_nchw", "cudnn_cl", "decode", "igemm", "igemm_nchw", "igemm_cl_copy")}
         result["models"][name] = {"rows": rows, "total_graph_ms": totals}
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
     print("\nconv time per UNet forward (sum over calls, CUDA-graph device time, ms; batch 2)")
-    print(f"{'model':6s} {'cudnn_nchw':>11s} {'cudnn_cl':>9s} {'decode':>8s} {'igemm':>8s} {'cudnn_cl/igemm':>15s}")
+    print(f"{'model':6s} {'cudnn_nchw':>11s} {'cudnn_cl':>9s} {'decode':>8s} {'igemm':>8s} {'igemm_nchw':>11s} "
+          f"{'igemm_cl_copy':>14s} {'cudnn_cl/igemm':>15s}")
     for name, m in result["models"].items():
         t = m["total_graph_ms"]
         print(f"{name:6s} {t['cudnn_nchw']:11.3f} {t['cudnn_cl']:9.3f} {t['decode']:8.3f} {t['igemm']:8.3f} "
-              f"{t['cudnn_cl'] / t['igemm']:15.2f}x")
+              f"{t['igemm_nchw']:11.3f} {t['igemm_cl_copy']:14.3f} {t['cudnn_cl'] / t['igemm']:15.2f}x")
 
 
 if __name__ == "__main__":

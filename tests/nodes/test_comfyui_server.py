@@ -7,6 +7,7 @@ Needs a ComfyUI checkout: ``COMFYUI_PATH=/path/to/ComfyUI`` and, if ComfyUI has 
 The fixture writes a random-weight SD1.5-family model set (``make_comfy_test_models.py``), builds a throwaway ComfyUI
 base directory in tmp (``custom_nodes/fpq`` -> this repo, ``models/``, ``output/``), and starts
 ``main.py --cpu --base-directory <tmp>`` on a free loopback port. Nothing is written into the ComfyUI checkout.
+``FPQ_COMFY_SERVER_ARGS`` replaces ``--cpu`` (e.g. "" on a GPU machine); ``FPQ_COMFY_LOG_DIR`` keeps the server log.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -210,6 +212,9 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+        if os.environ.get("FPQ_COMFY_LOG_DIR"):  # keep the server's log (a GPU machine's tmp is gone after the run)
+            Path(os.environ["FPQ_COMFY_LOG_DIR"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, Path(os.environ["FPQ_COMFY_LOG_DIR"]) / f"comfy_server_{base.name}.log")
 
 
 # ---- graphs ---------------------------------------------------------------------------------------------------------
