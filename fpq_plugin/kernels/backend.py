@@ -44,8 +44,9 @@ _FLOAT_X = (torch.bfloat16, torch.float16, torch.float32)
 # "auto" | "cublas" | "fused": how the fp8 backend runs a Linear (benchmarks/bench_unet.py compares them).
 FP8_LINEAR_METHOD = "auto"
 # "decode" | "implicit_gemm": how the fp8 backend runs a Conv2d. "implicit_gemm" (fp8_conv: the activation cast
-# fused into the A-tile gather, FP8 tensor cores) is logic-tested under the Triton interpreter but not yet measured
-# on a GPU, so it is opt-in; benchmarks/bench_unet.py's fpq_w8a8_igemm variant compares the two.
+# fused into the A-tile gather, FP8 tensor cores) is 1.5-2.3x faster than decode per conv on channels-last inputs
+# (H200, conv_kernels_h200.json) but made the UNet slower while it gathered NCHW activations in place; it now copies
+# them to channels-last first, which is not yet measured, so it stays opt-in (bench_unet.py's fpq_w8a8_igemm).
 FP8_CONV_METHOD = "decode"
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
@@ -406,8 +407,14 @@ class Fp8Backend:
         if st.conv_w is None:
             st.conv_w = fp8_conv.prepare_conv_weight(layer.weight_codes, layer.weight_shape[1],
                                                      layer.weight_shape[2:], st.table if st.bits4 else None)
+        out_format = None
+        if x.shape[1] > 1 and not x.is_contiguous(memory_format=torch.channels_last):
+            # The kernel gathers A tiles along channels: on NCHW activations (what diffusers' GroupNorm returns)
+            # those reads are H*W elements apart. One channels-last copy in, NCHW out, as cuDNN does internally.
+            x, out_format = x.contiguous(memory_format=torch.channels_last), torch.contiguous_format
         return fp8_conv.fp8_conv2d(x, st.conv_w, st.ws, st.xs, st.bias_as(x.dtype), stride=layer.stride,
-                                   padding=layer.padding, dilation=layer.dilation, act_dtype=st.act_dtype)
+                                   padding=layer.padding, dilation=layer.dilation, act_dtype=st.act_dtype,
+                                   out_memory_format=out_format)
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         if _compiling():

@@ -185,12 +185,23 @@ def _kernels():
     return triton, _fp8_conv_kernel
 
 
-def default_conv_config(m: int, n: int, c: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by problem size; untuned (no GPU run yet)."""
+def default_conv_config(m: int, n: int, c: int, taps: int = 9) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for an M x N GEMM over ``taps`` x C.
+
+    From the per-shape search on an H200 (benchmarks/results/conv_kernels_h200.json, every conv of SD1.5 and SDXL
+    at batch 2): few output pixels want small tiles (enough programs to fill the SMs), many pixels with 3x3
+    filters want 128x256 tiles (each gathered and converted A tile is reused over more output channels).
+    """
     bk = 128 if c >= 128 else (64 if c >= 64 else 32)
     if m <= 256:
-        return (64, 64, bk, 8, 4, 3)
-    return (128, 128 if n >= 128 else 64, bk, 8, 8, 3)
+        return (64, 64, min(bk, 64), 8, 4, 3)
+    if n <= 64:
+        return (128, 64, min(bk, 64), 8, 4, 3)
+    if m <= 2048 or (taps == 1 and m <= 8192):
+        return (64, 128, bk, 8, 4, 3)
+    if taps == 1:
+        return (128, 128, min(bk, 64), 8, 8, 3)
+    return (128, 256, min(bk, 64), 8, 8, 3)
 
 
 def fp8_conv2d(
@@ -205,10 +216,12 @@ def fp8_conv2d(
     dilation=1,
     act_dtype: torch.dtype = E4M3,
     out_dtype: torch.dtype | None = None,
+    out_memory_format: torch.memory_format | None = None,
     config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Fused quantized Conv2d on a CUDA sm_89+ GPU (or the Triton interpreter); the result of
-    :func:`fp8_conv2d_reference` for the unprepared codes. ``x`` is (B, C, H, W) bf16/fp16/fp32, any strides."""
+    :func:`fp8_conv2d_reference` for the unprepared codes. ``x`` is (B, C, H, W) bf16/fp16/fp32, any strides; the
+    output is channels-last when ``x`` is, unless ``out_memory_format`` says otherwise."""
     fl._check_device(x, "fp8_conv2d")
     if x.dim() != 4 or x.shape[1] != w.c:
         raise ValueError(f"x must be (B, {w.c}, H, W), got shape {tuple(x.shape)}")
@@ -231,12 +244,12 @@ def fp8_conv2d(
     b, c, h, wd = x.shape
     ho, wo = _out_size(h, w.kh, sh, ph, dh), _out_size(wd, w.kw, sw, pw, dw)
     channels_last = c > 1 and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = out_memory_format or (torch.channels_last if channels_last else torch.contiguous_format)
     y = torch.empty((b, w.n, max(ho, 0), max(wo, 0)), dtype=out_dtype or x.dtype, device=dev, memory_format=fmt)
     m = b * ho * wo
     if m <= 0 or w.n == 0:
         return y
-    bm, bn, bk, gm, nw, ns = config or default_conv_config(m, w.n, c)
+    bm, bn, bk, gm, nw, ns = config or default_conv_config(m, w.n, c, w.kh * w.kw)
     triton, kern = _kernels()
     grid = (triton.cdiv(m, bm) * triton.cdiv(w.n, bn),)
     interp = fl._interpreting()

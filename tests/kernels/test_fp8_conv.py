@@ -120,6 +120,9 @@ def test_kernel_logic_interpreter(case, bits, layout) -> None:
         assert out.shape == ref.shape
         assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), config
+    other = torch.contiguous_format if layout == "channels_last" else torch.channels_last
+    out = fc.fp8_conv2d(x, pw, ws, xs, bias, config=(16, 16, 32, 2, 4, 1), out_memory_format=other, **kw)
+    assert out.is_contiguous(memory_format=other) and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 # ---- CUDA sm_89+ ----------------------------------------------------------------------------------------------------
@@ -152,3 +155,13 @@ def test_kernel_matches_reference_on_gpu(case, bits, dtype) -> None:
     out = fc.fp8_conv2d(x, fc.prepare_conv_weight(codes, c, k, table), ws, xs, bias, stride=stride, padding=pad)
     err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
     assert err <= ULP[dtype] + 1e-4 * math.sqrt(c * k * k), err
+
+
+def test_default_config_follows_the_measured_shapes() -> None:
+    """Small tiles where few output pixels exist, 128x256 for big 3x3 GEMMs, BLOCK_K never above C's bucket."""
+    assert fc.default_conv_config(128, 1280, 2560, 9)[:2] == (64, 64)
+    assert fc.default_conv_config(32768, 1280, 1280, 9)[:2] == (128, 256)
+    assert fc.default_conv_config(8192, 320, 640, 1)[:2] == (64, 128)
+    assert fc.default_conv_config(32768, 4, 320, 9)[:2] == (128, 64)
+    for m, n, c, taps in [(32768, 320, 4, 9), (2048, 640, 32, 1), (8192, 640, 48, 9)]:
+        assert fc.default_conv_config(m, n, c, taps)[2] == 32, "a channel count below 64 gets BLOCK_K = 32"

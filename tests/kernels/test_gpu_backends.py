@@ -182,13 +182,19 @@ def test_interp_decode_backend(kind, w, a, monkeypatch):
 @interp
 @pytest.mark.parametrize("w", ["e4m3fn", "e2m1"])
 @pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 1)])
-def test_interp_fp8_backend_implicit_gemm_conv(w, k, stride, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_interp_fp8_backend_implicit_gemm_conv(w, k, stride, channels_last, monkeypatch):
+    """The backend hands the kernel a channels-last input (copying an NCHW one) and returns the input's layout."""
     monkeypatch.setattr(kb, "FP8_CONV_METHOD", "implicit_gemm")
     lyr = make_layer("conv", w, "e4m3fn", k=k, stride=stride)
     x = x_for(lyr, (2,), torch.float32, "cpu")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     got = kb.Fp8Backend(kb.DecodeBackend()).conv2d(lyr, x)
     ref = get_backend("reference").conv2d(lyr, x)
     assert got.shape == ref.shape and rel_max(got, ref) < 0.2  # logic check, as above
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
 
 
 # ------------------------------------------------------------------------------------------------------------
