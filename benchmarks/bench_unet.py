@@ -39,8 +39,13 @@ import sys
 import time
 import traceback
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+# Run as a script from anywhere: the repository root (fpq_plugin) goes on the path, as in the other benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 T0 = time.time()
 
