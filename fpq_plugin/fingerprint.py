@@ -133,7 +133,9 @@ def _hashed_bytes(t: torch.Tensor, mode: str) -> list[memoryview]:
     read in place (memoryview slices; no torch kernels, which stall on a busy machine); off-CPU tensors gather
     the probes on their device so that only those cross to the host.
     """
-    flat = t.detach().reshape(-1)  # copies only if t is not contiguous
+    # .data, not .detach(): a Parameter made under torch.inference_mode and later moved outside it (ComfyUI's models)
+    # has no version counter, and a view of its detached alias fails; .data is a fresh alias with its own counter.
+    flat = t.data.reshape(-1)  # copies only if t is not contiguous
     if flat.numel() == 0:
         return []
     u8 = flat.view(torch.uint8)

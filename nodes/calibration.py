@@ -7,9 +7,10 @@ cancellation to ComfyUI.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import comfy.model_management as mm
@@ -93,11 +94,36 @@ def _own_tensors(module: torch.nn.Module) -> None:
         for name, p in list(sub._parameters.items()):
             if p is None:
                 continue
-            data = p.detach().clone() if p.is_inference() else p.detach()
+            # .data, not .detach(): a Parameter made in inference mode and moved outside it has no version counter
+            data = p.detach().clone() if p.is_inference() else p.data
             sub._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
         for name, b in list(sub._buffers.items()):
             if b is not None and b.is_inference():
                 sub._buffers[name] = b.clone()
+
+
+@contextlib.contextmanager
+def on_compute_device(diffusion_model: torch.nn.Module, load_device: Any, offload_device: Any) -> Iterator[None]:
+    """Run the body with the float snapshot ``diffusion_model`` on ComfyUI's compute device (the GPU when there is
+    one; other models are unloaded first to make room) and with autograd available (ComfyUI executes nodes in
+    inference mode); the snapshot ends on ``offload_device``, also when the body raises (a cancel, say)."""
+    moved = torch.device(load_device) != torch.device(offload_device)
+    if moved:
+        # Make room: the method holds the model, a float copy and unit activations. This stays inside ComfyUI's
+        # inference mode: a Parameter made in inference mode and moved outside it keeps no version counter, and the
+        # next view of it fails ("Inference tensors do not track version counter"), in fpq or in any other node.
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    with torch.inference_mode(False):
+        _own_tensors(diffusion_model)
+        if moved:
+            diffusion_model.to(load_device)
+        try:
+            yield
+        finally:
+            if moved:
+                diffusion_model.to(offload_device)
+                mm.soft_empty_cache()
 
 
 def run_method(
@@ -111,30 +137,15 @@ def run_method(
     offload_device: torch.device,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> MethodReport:
-    """Quantize ``diffusion_model`` (the float snapshot) in place with :func:`fpq_plugin.method.quantize_with_method`.
-
-    Runs on ComfyUI's compute device (the GPU when there is one; other models are unloaded first to make room) with
-    autograd available (ComfyUI executes nodes in inference mode), and leaves the model on ``offload_device``.
-    ``progress(done, total, unit)`` is called after every unit and every 50 rounding iterations; raising there
-    cancels.
+    """Quantize ``diffusion_model`` (the float snapshot) in place with :func:`fpq_plugin.method.quantize_with_method`,
+    on ComfyUI's compute device (:func:`on_compute_device`). ``progress(done, total, unit)`` is called after every
+    unit and every 50 rounding iterations; raising there cancels.
     """
     wanted = set(layer_names)
-    with torch.inference_mode(False):
-        _own_tensors(diffusion_model)
-        moved = torch.device(load_device) != torch.device(offload_device)
-        if moved:
-            mm.unload_all_models()  # the method holds the model, a float copy and unit activations
-            mm.soft_empty_cache()
-            diffusion_model.to(load_device)
-        try:
-            return quantize_with_method(
-                diffusion_model, recipe, calls, method=config, layer_filter=lambda n, _m: n in wanted,
-                progress=progress,
-            )  # fmt: skip
-        finally:
-            if moved:
-                diffusion_model.to(offload_device)
-                mm.soft_empty_cache()
+    with on_compute_device(diffusion_model, load_device, offload_device):
+        return quantize_with_method(
+            diffusion_model, recipe, calls, method=config, layer_filter=lambda n, _m: n in wanted, progress=progress
+        )
 
 
 def method_summary(report: MethodReport, calls: list[UNetCall], calibration_s: float) -> dict[str, Any]:

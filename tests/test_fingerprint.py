@@ -144,3 +144,18 @@ def test_errors() -> None:
         fingerprint_state_dict({"codes": torch.zeros(2, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="meta device"):
         fingerprint_module(build_unet("tiny", meta=True))
+
+
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+def test_module_made_in_inference_mode_and_moved_outside_it(mode) -> None:
+    """ComfyUI builds models under torch.inference_mode; once such a model is moved outside it (model unloading),
+    its Parameters have no version counter and a view of ``detach()`` fails. The fingerprint must still read them."""
+    torch.manual_seed(0)
+    normal = nn.Linear(256, 1024)  # 1 MiB weight: large enough for sampled mode's probes
+    with torch.inference_mode():
+        made_inside = nn.Linear(256, 1024)
+        made_inside.load_state_dict(normal.state_dict())
+    made_inside.to(torch.float64).to(torch.float32)  # moved outside inference mode
+    with pytest.raises(RuntimeError, match="version counter"):
+        made_inside.weight.detach().reshape(-1)  # the failure this test guards against
+    assert fingerprint_module(made_inside, mode=mode) == fingerprint_module(normal, mode=mode)

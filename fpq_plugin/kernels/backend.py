@@ -81,13 +81,29 @@ def _compiling() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _key(layer) -> tuple:
-    # storage address + in-place version of every buffer the state is derived from (a new device means a new
-    # address); checked on every call, so read straight from the module's dicts (nn.Module.__getattr__ is slow)
+def _key_tensors(layer) -> tuple:
+    # read straight from the module's dicts: this runs on every call and nn.Module.__getattr__ is slow
     b = layer._buffers
-    ts = (b.get("weight_codes"), b.get("weight_scale"), b.get("weight_zero_point"), b.get("input_scale"),
-          layer._parameters.get("bias"))
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in ts)
+    return (b.get("weight_codes"), b.get("weight_scale"), b.get("weight_zero_point"), b.get("input_scale"),
+            layer._parameters.get("bias"))
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # no version counter (see _key)
+        return -1
+
+
+def _key(layer) -> tuple:
+    """Storage address + in-place version of every tensor the state is derived from (a new device, a reload or a
+    requantized weight means a new tensor). The state holds these tensors, so no address is reused while it lives.
+
+    Tensors made under ``torch.inference_mode`` (ComfyUI loads and runs models in it), and Parameters made there and
+    moved outside it, have no version counter: they count by address alone, which is enough because fpq and
+    ComfyUI replace a layer's tensors rather than write into them.
+    """
+    return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in _key_tensors(layer))
 
 
 class _State:
@@ -95,6 +111,7 @@ class _State:
 
     def __init__(self, layer):
         self.key = _key(layer)
+        self.key_tensors = _key_tensors(layer)  # kept alive: their addresses are part of the key
         dev = layer.weight_codes.device
         wf = layer.weight_format
         self.bits4 = layer.packed

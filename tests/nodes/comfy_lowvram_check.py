@@ -2,9 +2,10 @@
 
 ComfyUI's ``ModelPatcher.load(..., lowvram_model_memory=N)`` keeps the modules that do not fit in ``N`` bytes
 offloaded, flags them ``comfy_cast_weights`` and hands them their LoRA as a per-forward ``weight_function``; the
-modules that fit get the LoRA baked in (``patch_weight_to_device``). On a CPU-only machine the load and offload
-devices are the same, but that bookkeeping (which is what fpq's layers must cooperate with) runs exactly as on a
-GPU. Prints one JSON line.
+modules that fit get the LoRA baked in (``patch_weight_to_device``). With a CUDA GPU the model loads onto it and
+the offloaded layers stay in CPU memory (each forward runs them on a moved copy of their buffers, through fpq's GPU
+backends). On a CPU-only machine the load and offload devices are the same, but the bookkeeping (which is what
+fpq's layers must cooperate with) runs exactly as on a GPU. Prints one JSON line.
 
     python comfy_lowvram_check.py <ComfyUI checkout> <repo root> <work dir>
 """
@@ -23,7 +24,8 @@ sys.path.insert(0, COMFY)
 sys.argv = sys.argv[:1]  # ComfyUI parses the command line on import
 import comfy.cli_args  # noqa: E402
 
-comfy.cli_args.args.cpu = True
+comfy.cli_args.args.cpu = not torch.cuda.is_available()
+import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
@@ -51,14 +53,16 @@ plain = comfy.sd.load_diffusion_model(os.path.join(WORK, "diffusion_models", "ti
 
 recipe = get_recipe("w4a16")
 names = ci.quantizable_layers(plain, recipe)
-quantize = FPQuantizeUNet._data_free_quantizer(recipe, NodeProgress(0, len(names)))
+quantize = FPQuantizeUNet._data_free_quantizer(recipe, NodeProgress(0, len(names)), plain.load_device,
+                                                plain.offload_device)
 quantized, _ = ci.quantized_copy(plain, recipe, names, quantize=quantize, cache=None)
 lora = comfy.utils.load_torch_file(os.path.join(WORK, "loras", "tiny_lora.safetensors"), safe_load=True)
 with_lora, _ = comfy.sd.load_lora_for_models(quantized, None, lora, 1.0, 0.0)
 
+load_device, offload_device = quantized.load_device, quantized.offload_device
 torch.manual_seed(0)
-x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([700.0, 700.0]), torch.randn(2, 6, 768)
-cpu = torch.device("cpu")
+x, t, context = (v.to(load_device) for v in (torch.randn(2, 4, 8, 8), torch.tensor([700.0, 700.0]),
+                                               torch.randn(2, 6, 768)))
 
 
 def layers_of(patcher):
@@ -67,7 +71,7 @@ def layers_of(patcher):
 
 def run(patcher, lowvram_bytes: int = 0) -> tuple[torch.Tensor, dict]:
     """One forward with the patcher loaded fully (0) or within ``lowvram_bytes``; unloaded afterwards."""
-    patcher.patch_model(device_to=cpu, lowvram_model_memory=lowvram_bytes)
+    patcher.patch_model(device_to=load_device, lowvram_model_memory=lowvram_bytes)
     try:
         layers = layers_of(patcher)
         state = {
@@ -76,11 +80,12 @@ def run(patcher, lowvram_bytes: int = 0) -> tuple[torch.Tensor, dict]:
                 any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in m.weight_function) for m in layers
             ),
             "lowvram": bool(patcher.model.model_lowvram),
+            "on_load_device": sum(m.weight_codes.device == torch.device(load_device) for m in layers),
         }
         with torch.no_grad():
             out = patcher.model.apply_model(x, t, c_crossattn=context).float()
     finally:
-        patcher.unpatch_model(device_to=cpu)
+        patcher.unpatch_model(device_to=offload_device)
     return out, state
 
 
@@ -97,8 +102,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 print(json.dumps({
+    "load_device": str(load_device),
+    "offload_device": str(offload_device),
     "layers": len(names),
-    "float_bytes": plain.model_size(),
+    "float_bytes": plain.model_size(),  # in the dtype ComfyUI loaded (fp16 on a GPU, fp32 on a CPU)
+    "fp32_bytes": 4 * sum(t.numel() for t in plain.model.diffusion_model.state_dict().values()
+                          if t.is_floating_point()),
     "quantized_bytes": quantized.model_size(),
     "full": full_state,
     "partial": partial_state,

@@ -1,0 +1,57 @@
+"""The kernel backends' per-layer prepared state (``fpq_plugin.kernels.backend._state``), on the CPU: it is built
+from the layer's buffers and rebuilt when they change. No kernel runs here, so no GPU is needed."""
+
+from __future__ import annotations
+
+import torch
+
+from fpq_plugin.kernels import backend as kb
+from fpq_plugin.nn import QLinear
+from fpq_plugin.quantizers import quantize_weight
+
+
+def _layer() -> QLinear:
+    layer = QLinear(32, 16, "e4m3fn", "e4m3fn", bias=True)
+    layer.set_weight(quantize_weight(torch.randn(16, 32), layer.weight_format, granularity="channel"))
+    layer.set_input_quantizer(0.05)
+    return layer
+
+
+def test_state_is_cached_and_rebuilt_when_a_buffer_is_replaced() -> None:
+    layer = _layer()
+    first = kb._state(layer)
+    assert kb._state(layer) is first
+    layer.set_input_quantizer(0.1)  # a new input_scale tensor
+    second = kb._state(layer)
+    assert second is not first and second.xs.item() == torch.tensor(0.1).item()
+
+
+def test_state_is_rebuilt_after_an_in_place_write() -> None:
+    layer = _layer()
+    first = kb._state(layer)
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)  # same tensor, new version
+    assert kb._state(layer) is not first
+
+
+def test_state_of_a_layer_made_in_inference_mode() -> None:
+    """ComfyUI builds and runs models under torch.inference_mode: their buffers are inference tensors, which have no
+    version counter (reading it raised 'Inference tensors do not track version counter' on the GPU)."""
+    with torch.inference_mode():
+        layer = _layer()
+        assert layer.weight_codes.is_inference()
+        first = kb._state(layer)
+        assert kb._state(layer) is first
+        layer.set_input_quantizer(0.1)
+        assert kb._state(layer) is not first
+    # and outside inference mode too (the node's method runs with inference mode off)
+    assert kb._state(layer) is kb._state(layer)
+
+
+def test_state_of_a_layer_made_in_inference_mode_and_moved_outside_it() -> None:
+    """Its bias Parameter then has no version counter although it is no longer an inference tensor."""
+    with torch.inference_mode():
+        layer = _layer()
+    layer.to(torch.float64).to(torch.float32)  # what a model unload outside inference mode does
+    assert not layer.bias.is_inference()
+    assert kb._state(layer) is kb._state(layer)
