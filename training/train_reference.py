@@ -14,7 +14,12 @@ Example (what made the shipped weights; see ``fpq_plugin/reference/weights/MODEL
     python training/train_reference.py --out runs/r2 --resume runs/r1 --phases t2i --minutes-t2i 8
 
 ``--fresh uncond`` retrains the unconditional model from scratch (e.g. after changing its scheduler's
-``prediction_type`` to ``v_prediction``, which the loss follows).
+``prediction_type`` to ``v_prediction``, which the loss follows). ``--fresh t2i-unet`` starts the text-to-image
+UNet from scratch while the VAE and the text encoder continue from ``--resume``; with ``--unet-init gaussian`` its
+weights start normally distributed instead of uniform (why: ``fpq_plugin.reference.models.build_t2i_unet``)::
+
+    python training/train_reference.py --out runs/g1 --resume fpq_plugin/reference/weights --phases t2i \
+        --fresh t2i-unet --unet-init gaussian --minutes-t2i 9
 ``--resume`` continues from a previous output folder: models not trained in this run are copied from it, trained
 ones start from its (EMA) weights with a fresh optimizer; the loss log is extended. The output folder holds the
 diffusers folders ``scenes-t2i`` and ``scenes-uncond`` (fp16 safetensors), ``scenes-judge.safetensors``,
@@ -40,8 +45,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fpq_plugin.reference.models import (  # noqa: E402
+    UNET_INITS,
     AttributeClassifier,
     build_t2i_pipeline,
+    build_t2i_unet,
     build_uncond_pipeline,
     load_classifier,
     load_t2i_pipeline,
@@ -329,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resume", type=Path)
     p.add_argument("--phases", default="judge,vae,t2i,uncond")
-    p.add_argument("--fresh", default="", help="models to start from scratch despite --resume (only 'uncond')")
+    p.add_argument("--fresh", default="", help="models to start from scratch despite --resume: uncond, t2i-unet")
+    p.add_argument("--unet-init", choices=UNET_INITS, default="default", help="weights of a new t2i UNet")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--minutes-judge", type=float, default=0.5)
@@ -357,16 +365,26 @@ def main(argv: list[str] | None = None) -> int:
         args.resume / "scenes-judge.safetensors"
     ).to(device)
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="fpq-ref-tok-"))
+    fresh = {x for x in args.fresh.split(",") if x}
+    if fresh - {"uncond", "t2i-unet"}:
+        p.error(f"--fresh: unknown models {sorted(fresh - {'uncond', 't2i-unet'})}; choose from uncond, t2i-unet")
     if args.resume and (args.resume / "scenes-t2i").exists():
         t2i = load_t2i_pipeline(args.resume / "scenes-t2i")
+        if "t2i-unet" in fresh:
+            t2i.unet = build_t2i_unet(init=args.unet_init)
+            log.pop("t2i", None)  # the loss log restarts with the new UNet
+            log["t2i_unet_init"] = args.unet_init
+        elif args.unet_init != "default":
+            p.error("--unet-init sets the weights of a new t2i UNet: add --fresh t2i-unet, or start without --resume")
     else:
-        t2i = build_t2i_pipeline(tokenizer_dir)
+        t2i = build_t2i_pipeline(tokenizer_dir, unet_init=args.unet_init)
+        log["t2i_unet_init"] = args.unet_init
+    log.setdefault("t2i_unet_init", "default")  # the runs before this option started from the default
     if "vae" in phases:
         train_vae(args, t2i, device, log)
     if "t2i" in phases:
         train_t2i(args, t2i, device, log)
     t2i.to(device)
-    fresh = set(args.fresh.split(","))
     uncond = (
         load_uncond_pipeline(args.resume / "scenes-uncond")
         if args.resume and (args.resume / "scenes-uncond").exists() and "uncond" not in fresh

@@ -55,3 +55,24 @@ def test_uncond_generates_images() -> None:
 def test_missing_weights_name_the_fix() -> None:
     with pytest.raises(CheckpointError, match="train_reference"):
         reference_path("no-such-model")
+
+
+def test_gaussian_unet_init_keeps_the_variance_and_changes_the_shape() -> None:
+    from fpq_plugin.reference.models import build_t2i_unet
+
+    def stats(unet) -> tuple[list[float], list[float]]:
+        variances, kurtosis = [], []
+        for m in unet.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight[0].numel() >= 64:
+                w = m.weight.detach().flatten().double()
+                variances.append(float(w.var() * 3 * m.weight[0].numel()))  # 1.0 for PyTorch's default init
+                kurtosis.append(float(((w - w.mean()) ** 4).mean() / w.var() ** 2 - 3))
+        return variances, kurtosis
+
+    default_var, default_kurt = stats(build_t2i_unet(init="default"))
+    gauss_var, gauss_kurt = stats(build_t2i_unet(init="gaussian"))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert abs(median(default_var) - 1) < 0.05 and abs(median(gauss_var) - 1) < 0.05
+    assert median(default_kurt) < -1.0 and abs(median(gauss_kurt)) < 0.2  # uniform: -1.2; normal: 0
+    with pytest.raises(ValueError, match="gaussian"):
+        build_t2i_unet(init="laplace")
