@@ -165,6 +165,11 @@ class _State:
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def release_state(layer) -> None:
+    """Forget ``layer``'s prepared state (its tensors are freed with the layer's old ones)."""
+    _STATES.pop(layer, None)
+
+
 def _state(layer) -> _State:
     st = _STATES.get(layer)
     if st is None or st.key != _key(layer):
@@ -482,6 +487,9 @@ def register_kernel_backends() -> None:
         return
     from fpq_plugin.backends import AUTO_ORDER, register_backend
 
+    from fpq_plugin.nn.base import ON_MOVE
+
+    ON_MOVE.append(release_state)
     decode = DecodeBackend()
     register_backend(Fp8Backend(decode), auto_priority=0)
     register_backend(decode, auto_priority=AUTO_ORDER.index("fp8") + 1)

@@ -16,6 +16,7 @@ The arithmetic lives in the backends (:mod:`fpq_plugin.backends`); the layer onl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,10 +27,22 @@ from fpq_plugin.formats import Format, get_format, pack_nibbles, unpack_nibbles
 from fpq_plugin.quantizers import QuantizedWeight
 
 
+#: Called with a layer after ``.to()`` / ``.cuda()`` / ``.half()``... has replaced its tensors. The GPU backends
+#: register one that drops the state they prepared from the old tensors, so that those are freed with the move
+#: (ComfyUI offloads a model to free VRAM; a cache holding the GPU copies would keep it in use).
+ON_MOVE: list[Callable[[QuantizedLayer], None]] = []
+
+
 class QuantizedLayer(nn.Module):
     """Base of :class:`QLinear` and :class:`QConv2d`; subclasses define the geometry and ``kind``."""
 
     kind: str = ""
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        out = super()._apply(fn, recurse)
+        for release in ON_MOVE:
+            release(self)
+        return out
 
     def _init_quant_state(
         self,

@@ -3,6 +3,9 @@ from the layer's buffers and rebuilt when they change. No kernel runs here, so n
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 
 from fpq_plugin.kernels import backend as kb
@@ -55,3 +58,16 @@ def test_state_of_a_layer_made_in_inference_mode_and_moved_outside_it() -> None:
     layer.to(torch.float64).to(torch.float32)  # what a model unload outside inference mode does
     assert not layer.bias.is_inference()
     assert kb._state(layer) is kb._state(layer)
+
+
+def test_moving_a_layer_releases_its_state_and_the_old_tensors() -> None:
+    """ComfyUI offloads a model (``.to(offload_device)``) to free VRAM: the state prepared from the GPU tensors must
+    not keep them alive."""
+    kb.register_kernel_backends()  # installs the release hook
+    layer = _layer()
+    old_codes = weakref.ref(layer.weight_codes)
+    kb._state(layer)
+    layer.to("meta")  # a device move: every tensor of the layer is replaced
+    gc.collect()
+    assert layer not in kb._STATES
+    assert old_codes() is None
