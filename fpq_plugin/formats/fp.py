@@ -32,6 +32,7 @@ import torch
 from fpq_plugin.errors import FormatError
 
 _SPECIALS = ("none", "fn", "ieee")
+_FP8_CAST_DEVICES = frozenset({"cpu", "cuda"})  # devices whose torch builds have float8 dtypes
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,15 @@ class FPFormat:
         """fp32 values of integer codes."""
         return self._table.to(codes.device)[codes.long()]
 
+    def _cast_fast_path(self, x: torch.Tensor) -> bool:
+        # torch's float8 dtypes exist on CPUs and CUDA GPUs only: Apple's MPS refuses them ("Trying to convert
+        # Float8_e4m3fn to the MPS backend"), so elsewhere the table path below does the same rounding.
+        return self.torch_dtype is not None and x.device.type in _FP8_CAST_DEVICES
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Round to the grid and return fp32 values (``decode(encode(x))``), with a fast path through torch's dtype."""
         x = x.detach().float()
-        if self.torch_dtype is not None:
+        if self._cast_fast_path(x):
             # torch's casts are round-to-nearest-even; clamping first gives saturation (torch's e5m2 cast
             # overflows to inf, its e4m3fn cast saturates). Tests check this path against encode() bit for bit.
             limit = self.max_value
@@ -189,7 +195,7 @@ class FPFormat:
 
     def encode_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Like :meth:`encode` but through torch's dtype when there is one; returns uint8 codes (8-bit formats)."""
-        if self.torch_dtype is not None:
+        if self._cast_fast_path(x):
             limit = self.max_value
             return x.detach().float().clamp(-limit, limit).to(self.torch_dtype).view(torch.uint8)
         return self.encode(x).to(torch.uint8 if self.bits <= 8 else torch.int32)

@@ -163,3 +163,19 @@ def test_bad_formats_raise() -> None:
         FPFormat("x", 0, 3)
     with pytest.raises(FormatError, match="finite"):
         FPFormat("x", 2, 1, bias=math.inf)
+
+
+@pytest.mark.parametrize("name", ["e4m3fn", "e5m2"])
+def test_devices_without_float8_round_the_same_way(name: str, monkeypatch) -> None:
+    """Apple's MPS has no float8 dtypes: there quantize/encode_fast take the table path, which must agree with the
+    torch-cast fast path bit for bit (saturation included). Simulated on the CPU by taking it off the list."""
+    import fpq_plugin.formats.fp as fp
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(100_000, generator=g) * fmt.max_value / 4, torch.tensor([3 * fmt.max_value, -1e30])])
+    fast_q, fast_codes = fmt.quantize(x), fmt.encode_fast(x)
+    monkeypatch.setattr(fp, "_FP8_CAST_DEVICES", frozenset({"cuda"}))
+    assert not fmt._cast_fast_path(x)
+    assert torch.equal(fmt.quantize(x), fast_q)
+    assert torch.equal(fmt.encode_fast(x), fast_codes)
