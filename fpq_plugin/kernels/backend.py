@@ -486,7 +486,6 @@ def register_kernel_backends() -> None:
     if _REGISTERED:
         return
     from fpq_plugin.backends import AUTO_ORDER, register_backend
-
     from fpq_plugin.nn.base import ON_MOVE
 
     ON_MOVE.append(release_state)

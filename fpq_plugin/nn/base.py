@@ -38,7 +38,7 @@ class QuantizedLayer(nn.Module):
 
     kind: str = ""
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
         for release in ON_MOVE:
             release(self)
