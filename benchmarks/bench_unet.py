@@ -13,7 +13,8 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
   host speed drifts between processes);
 * graph latency: the same forward captured in a CUDA graph and replayed (device time without launch gaps);
-* compiled latency (``--compile``): ``torch.compile`` default mode, for the variants named in ``--compile-variants``;
+* compiled latency (``--compile-only``): ``torch.compile`` (``--compile-mode``: default, or ``reduce-overhead``, which
+  replays CUDA graphs and so removes the launch cost; one mode per output file), for ``--compile-variants``;
 * weight memory (parameters + buffers; torchao subclass tensors by their inner tensors) and call peak (weights +
   the most memory the call allocates on top);
 * breakdown: device time per layer type from ``torch.profiler`` (Linear, Conv2d, attention core, everything else).
@@ -357,6 +358,8 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile measurements")
     ap.add_argument("--compile-variants", default="bf16,fpq_w8a8,torchao_fp8_row")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode: default, reduce-overhead (CUDA graphs: no launch cost), max-autotune...")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip further compiles after this many seconds")
     args = ap.parse_args()
 
@@ -515,11 +518,13 @@ def main():
                     try:
                         call(v, inp)  # one eager call first: it records each layer's backend for the compiled trace
                         torch.cuda.synchronize()
-                        cm = torch.compile(v["model"])
+                        mode = None if args.compile_mode == "default" else args.compile_mode
+                        cm = torch.compile(v["model"], mode=mode)
                         cv = dict(v, model=cm)
                         call(cv, inp)
                         torch.cuda.synchronize()
                         vres[v["name"]]["compile_s"] = round(time.time() - t, 1)
+                        vres[v["name"]]["compile_mode"] = args.compile_mode
                         vres[v["name"]]["compiled_ms"] = round(
                             _time_ms(lambda cv=cv: call(cv, inp), reps=args.reps, warm=2), 2)
                         vres[v["name"]]["eager_ms_same_process"] = round(
