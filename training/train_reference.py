@@ -369,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     if fresh - {"uncond", "t2i-unet"}:
         p.error(f"--fresh: unknown models {sorted(fresh - {'uncond', 't2i-unet'})}; choose from uncond, t2i-unet")
     if args.resume and (args.resume / "scenes-t2i").exists():
-        t2i = load_t2i_pipeline(args.resume / "scenes-t2i")
-        if "t2i-unet" in fresh:
-            t2i.unet = build_t2i_unet(init=args.unet_init)
+        new_unet = build_t2i_unet(init=args.unet_init) if "t2i-unet" in fresh else None
+        t2i = load_t2i_pipeline(args.resume / "scenes-t2i", unet=new_unet)  # a new UNet: the old one is not read
+        if new_unet is not None:
             log.pop("t2i", None)  # the loss log restarts with the new UNet
             log["t2i_unet_init"] = args.unet_init
         elif args.unet_init != "default":

@@ -264,12 +264,19 @@ def reference_path(name: str) -> Path:
     return path
 
 
-def load_t2i_pipeline(path: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """Load the trained ``scenes-t2i`` ``StableDiffusionPipeline`` (shipped fp16, upcast to ``dtype``)."""
+def load_t2i_pipeline(
+    path: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32, unet: Any = None
+) -> Any:
+    """Load the trained ``scenes-t2i`` ``StableDiffusionPipeline`` (shipped fp16, upcast to ``dtype``).
+
+    ``unet``: use this UNet instead of the folder's (which is then never read, so it may be absent): training a new
+    UNet against the shipped VAE and text encoder.
+    """
     from diffusers import StableDiffusionPipeline
 
     folder = Path(path) if path is not None else reference_path("scenes-t2i")
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    extra = {"unet": unet} if unet is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
