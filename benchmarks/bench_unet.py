@@ -165,7 +165,10 @@ def torchao_copy(base):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     m = copy.deepcopy(base)
-    quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    # set_inductor_config=False: by default torchao switches on Inductor's coordinate-descent tuning for the whole
+    # process, which then autotunes every fused kernel of every compiled variant at run time (bf16 and fpq too):
+    # an SD1.5 compile did not finish in 5 minutes on an H200 that way. Every variant compiles with the same defaults.
+    quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
     return m
 
 
@@ -525,6 +528,8 @@ def main():
                         torch.cuda.synchronize()
                         vres[v["name"]]["compile_s"] = round(time.time() - t, 1)
                         vres[v["name"]]["compile_mode"] = args.compile_mode
+                        vres[v["name"]]["inductor_coordinate_descent_tuning"] = bool(
+                            torch._inductor.config.coordinate_descent_tuning)
                         vres[v["name"]]["compiled_ms"] = round(
                             _time_ms(lambda cv=cv: call(cv, inp), reps=args.reps, warm=2), 2)
                         vres[v["name"]]["eager_ms_same_process"] = round(
