@@ -179,6 +179,8 @@ PRESETS: dict[str, Recipe] = {
         # e3m4 / e2m5 run on the dequant backend (no FP8 tensor cores): for quality studies, not for speed.
         Recipe("w8a8-search", FP8_SEARCH_FORMATS, "search", weight_scale_method="mse"),
         Recipe("w4a8", FP4_FORMATS, "e4m3fn", weight_scale_method="mse"),
+        # FP4 weights with the paper's 8-bit encoding search for the activations (simulated, as w8a8-search).
+        Recipe("w4a8-search", FP4_FORMATS, "search", weight_scale_method="mse"),
         Recipe("w4a16", FP4_FORMATS, None, weight_scale_method="mse"),
         Recipe("w8a16", ("e4m3fn",), None),
         Recipe("int8", ("int8",), "int8", weight_scale_method="mse"),

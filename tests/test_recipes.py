@@ -64,4 +64,7 @@ def test_search_activation_format_covers_every_8bit_fp_encoding() -> None:
     assert recipe.activation_candidates() == ("e4m3fn", "e5m2", "e3m4", "e2m5")
     assert set(recipe.weight_formats) == {"e4m3fn", "e5m2", "e3m4", "e2m5"} and recipe.weight_bits == 8
     assert get_recipe("w8a8").activation_candidates() == ("e4m3fn",)
+    w4 = get_recipe("w4a8-search")  # FP4 weights (encoding searched too), searched 8-bit FP activations
+    assert w4.activation_candidates() == recipe.activation_candidates()
+    assert set(w4.weight_formats) == {"e2m1", "e3m0", "e1m2"} and w4.weight_bits == 4
     assert Recipe("x", ("e2m1",), "e3m4").activation_candidates() == ("e3m4",)

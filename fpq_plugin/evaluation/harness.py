@@ -79,9 +79,16 @@ PAPER_VARIANTS: tuple[Variant, ...] = (
     Variant("int8-w8a8", "INT8 W8A8", "int8", _NEAREST),
     Variant("fp8-w8a8", "FP8 W8A8", "w8a8", _NEAREST),
     Variant("fp8-w8a8-search", "FP8 W8A8, encoding search e5m2..e2m5 (simulated)", "w8a8-search", _NEAREST),
+    Variant("int4-w4a8-nearest", "INT4 W4A8, round-to-nearest", "int4", _NEAREST),
     Variant("int4-w4a8-adaround", "INT4 W4A8, AdaRound", "int4", _LEARNED),
     Variant("fp4-w4a8-nearest", "FP4 W4A8, round-to-nearest", "w4a8", _NEAREST),
     Variant("fp4-w4a8-learned", "FP4 W4A8, learned rounding", "w4a8", _LEARNED),
+    # The paper searches the encoding of the activations too (as the fp8-w8a8-search row does); e4m3 above is the
+    # hardware path.
+    Variant("fp4-w4a8-search-nearest", "FP4 W4A8, activation encoding search (simulated), round-to-nearest",
+            "w4a8-search", _NEAREST),
+    Variant("fp4-w4a8-search-learned", "FP4 W4A8, activation encoding search (simulated), learned rounding",
+            "w4a8-search", _LEARNED),
     Variant("int4-w4a16-adaround", "INT4 W4A16, AdaRound", _int4_weight_only(), _LEARNED),
     Variant("fp4-w4a16-nearest", "FP4 W4A16, round-to-nearest", "w4a16", _NEAREST),
     Variant("fp4-w4a16-learned", "FP4 W4A16, learned rounding", "w4a16", _LEARNED),
