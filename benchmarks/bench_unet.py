@@ -312,6 +312,45 @@ def breakdown(v, inp):
     return out
 
 
+def _kernel_family(name: str) -> str:
+    n = name.lower()
+    if n.startswith("triton"):
+        return "triton (Inductor-fused pointwise/norm/cast)"
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "attention core"
+    if "conv" in n or "cudnn" in n or "implicit_convolve" in n or "xmma_fprop" in n or "fprop" in n:
+        return "convolution"
+    if "gemm" in n or "cutlass" in n or "sm90" in n or "xmma" in n or "cublas" in n:
+        return "gemm"
+    return "other"
+
+
+def compiled_profile(cv, inp):
+    """Device time of one compiled forward by kernel family, and the costliest kernels: where a compiled variant's
+    time goes (kernels come from device-side events, so Inductor's direct launches are counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call(cv, inp)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call(cv, inp)
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU
+           and not e.name.startswith(("Memcpy", "Memset"))]
+    fam: dict[str, list] = {}
+    by_name: dict[str, list] = {}
+    for e in evs:
+        us = e.time_range.elapsed_us()
+        for d, k in ((fam, _kernel_family(e.name)), (by_name, e.name[:90])):
+            r = d.setdefault(k, [0.0, 0])
+            r[0] += us / 1e3
+            r[1] += 1
+    return {"total_ms": round(sum(r[0] for r in fam.values()), 3), "kernels": len(evs),
+            "families": {k: [round(t, 3), c] for k, (t, c) in sorted(fam.items(), key=lambda i: -i[1][0])},
+            "top_kernels": [[n, round(t, 3), c] for n, (t, c) in
+                            sorted(by_name.items(), key=lambda i: -i[1][0])[:16]]}
+
+
 def rel_err(a, b):
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -363,6 +402,8 @@ def main():
     ap.add_argument("--compile-variants", default="bf16,fpq_w8a8,torchao_fp8_row")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode: default, reduce-overhead (CUDA graphs: no launch cost), max-autotune...")
+    ap.add_argument("--compile-profile", action="store_true",
+                    help="profile one compiled forward per variant: device time by kernel family, top kernels")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip further compiles after this many seconds")
     args = ap.parse_args()
 
@@ -532,10 +573,17 @@ def main():
                             torch._inductor.config.coordinate_descent_tuning)
                         vres[v["name"]]["compiled_ms"] = round(
                             _time_ms(lambda cv=cv: call(cv, inp), reps=args.reps, warm=2), 2)
+                        # a denoising loop issues the next call before the device finishes: the host's
+                        # per-call cost (guards, graph launch) then overlaps the device's work
+                        vres[v["name"]]["compiled_ms_back_to_back"] = round(
+                            _time_ms(lambda cv=cv: [call(cv, inp) for _ in range(10)], reps=5, warm=1) / 10, 2)
                         vres[v["name"]]["eager_ms_same_process"] = round(
                             _time_ms(lambda v=v: call(v, inp), reps=max(5, args.reps // 2), warm=1), 2)
                         log(f"{key} {v['name']} compiled: {vres[v['name']]['compiled_ms']} ms "
                             f"(compile {vres[v['name']]['compile_s']} s)")
+                        if args.compile_profile:
+                            vres[v["name"]]["compiled_profile"] = compiled_profile(cv, inp)
+                            log(json.dumps(vres[v["name"]]["compiled_profile"]["families"]))
                         del cm, cv
                     except Exception as e:  # noqa: BLE001
                         traceback.print_exc()

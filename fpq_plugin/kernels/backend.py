@@ -182,26 +182,26 @@ def _state(layer) -> _State:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# These read only the layer's buffers and its format's constants (no per-layer state, no weak dictionaries), so
-# Dynamo traces them into one graph; Inductor fuses the decode and the activation cast into neighbouring kernels.
+# These read only the layer's buffers and ``layer.trace_spec`` (plain constants: see nn.base._trace_spec), no
+# per-layer state or weak dictionaries, so Dynamo traces them into one graph with cheap guards; Inductor fuses the
+# decode and the activation cast into neighbouring kernels.
 
 
 def _codes_torch(layer) -> torch.Tensor:
     codes = layer.weight_codes
-    if layer.packed:
+    if layer.trace_spec[5]:  # packed 4-bit
         codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)[:, : layer.reduction]
     return codes
 
 
 def _values_torch(layer, codes: torch.Tensor) -> torch.Tensor:
     """fp32 value of each code, from the format's bit fields (elementwise arithmetic, no table)."""
-    fmt = layer.weight_format
-    if fmt.kind == "int":
+    kind, name, e, m, bias = layer.trace_spec[:5]
+    if kind == "int":
         v = codes.float()
-    elif fmt.name in _FP8:  # the hardware formats: a reinterpretation
-        v = codes.view(_FP8[fmt.name]).float()
+    elif name in _FP8:  # the hardware formats: a reinterpretation
+        v = codes.view(_FP8[name]).float()
     else:  # specials "none" (FP4 grids, e3m4, e2m5): every code is a number
-        e, m, bias = fmt.exp_bits, fmt.man_bits, fmt.bias
         c = codes.to(torch.int32)
         f = (c & ((1 << m) - 1)).float() * (2.0**-m)
         p = (c >> m) & ((1 << e) - 1)
@@ -221,13 +221,13 @@ def _decode_float_torch(layer, dtype, fold_xs: bool) -> torch.Tensor:
 
 def _decode_fp8_torch(layer) -> torch.Tensor:
     codes = layer.weight_codes
-    if layer.weight_format.name == "e4m3fn":
+    if layer.trace_spec[1] == "e4m3fn":
         return codes.view(torch.float8_e4m3fn)
     return _values_torch(layer, _codes_torch(layer)).to(torch.float8_e4m3fn)  # FP4 values are exact in e4m3
 
 
 def _quant_torch(x, layer):
-    act = _FP8[layer.input_format.name]
+    act = _FP8[layer.trace_spec[6]]
     fmax = _FMAX[act]
     return (x.float() * torch.reciprocal(layer.input_scale)).clamp(-fmax, fmax).to(act)
 
@@ -238,24 +238,28 @@ def _fp8_linear_torch(layer, x: torch.Tensor) -> torch.Tensor:
     m = x2.shape[0]
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     # rowwise-scaled _scaled_mm exists on CUDA only (torch 2.11's CPU build asserts per-tensor scales)
-    if x.is_cuda and layer.input_format.name == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
-        scale_b = (layer.input_scale * layer.weight_scale).expand(n).reshape(1, n).contiguous()
-        y = torch._scaled_mm(_quant_torch(x2, layer), _decode_fp8_torch(layer).t(),
-                             scale_a=torch.ones((m, 1), device=x.device), scale_b=scale_b, bias=bias,
-                             out_dtype=x.dtype)
+    if x.is_cuda and layer.trace_spec[6] == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
+        # Epilogue acc * scale_a[m] * scale_b[n] with scale_a = x_scale (one fill, which Inductor fuses into the
+        # activation cast) and scale_b = the per-channel weight scale as it is stored (a view: no kernel). The eager
+        # path multiplies x_scale into scale_b instead; both are the reference's two fp32 products up to order.
+        ws = layer.weight_scale
+        scale_b = ws.reshape(1, n) if ws.numel() == n else ws.expand(n).reshape(1, n).contiguous()
+        scale_a = layer.input_scale.reshape(1, 1).expand(m, 1).contiguous()
+        y = torch._scaled_mm(_quant_torch(x2, layer), _decode_fp8_torch(layer).t(), scale_a=scale_a,
+                             scale_b=scale_b, bias=bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], n)
     return _decode_linear_torch(layer, x)
 
 
 def _decode_linear_torch(layer, x):
-    fold = layer.input_format is not None
+    fold = layer.trace_spec[6] is not None
     xq = _quant_torch(x, layer).to(x.dtype) if fold else x
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(xq, _decode_float_torch(layer, x.dtype, fold), bias)
 
 
 def _decode_conv_torch(layer, x):
-    fold = layer.input_format is not None
+    fold = layer.trace_spec[6] is not None
     xq = _quant_torch(x, layer).to(x.dtype) if fold else x
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     w = _decode_float_torch(layer, x.dtype, fold).reshape(layer.weight_shape)

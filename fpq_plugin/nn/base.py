@@ -33,6 +33,27 @@ from fpq_plugin.quantizers import QuantizedWeight
 ON_MOVE: list[Callable[[QuantizedLayer], None]] = []
 
 
+def _trace_spec(weight_format: Format, input_format: Format | None) -> tuple:
+    """The formats as plain constants, for the code ``torch.compile`` traces.
+
+    Dynamo guards a Python object that several layers share (every e4m3fn layer holds the same Format) with
+    identity guards between all the places it is read from, which it checks in Python on every compiled call;
+    ints and strings are guarded by value in C++. Reading this tuple instead of the Format objects cut the guard
+    tree of a compiled UNet by ~40% (benchmarks/NOTES_GPU.md). Fields: (weight kind, weight name, exponent bits,
+    mantissa bits, exponent bias, packed 4-bit, activation format name or None).
+    """
+    fp = weight_format.kind != "int"
+    return (
+        weight_format.kind,
+        weight_format.name,
+        weight_format.exp_bits if fp else 0,
+        weight_format.man_bits if fp else 0,
+        float(weight_format.bias) if fp else 0.0,
+        weight_format.bits <= 4,
+        input_format.name if input_format is not None else None,
+    )
+
+
 class QuantizedLayer(nn.Module):
     """Base of :class:`QLinear` and :class:`QConv2d`; subclasses define the geometry and ``kind``."""
 
@@ -58,6 +79,7 @@ class QuantizedLayer(nn.Module):
     ) -> None:
         self.weight_format = get_format(weight_format)
         self.input_format = get_format(input_format) if input_format is not None else None
+        self.trace_spec = _trace_spec(self.weight_format, self.input_format)
         self.out_features = out_features
         self.reduction = reduction  # K: the length of one weight row
         self.per_channel = per_channel

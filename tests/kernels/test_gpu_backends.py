@@ -132,6 +132,28 @@ def test_torch_decode_path_matches_reference(kind, w, a):
     assert rel_max(fn(lyr, x), ref) < 1e-5
 
 
+class _NoFormatObjects:
+    def __getattr__(self, name):
+        raise AssertionError(f"the traced path read Format.{name}; it must read layer.trace_spec (cheap guards)")
+
+
+@pytest.mark.parametrize("kind,w,a", [("linear", "e4m3fn", "e4m3fn"), ("linear", "e2m1", "e4m3fn"),
+                                      ("conv", "e3m0", "e4m3fn"), ("conv", "int4", None), ("linear", "e1m2", None)])
+def test_traced_path_reads_plain_constants_not_format_objects(kind, w, a):
+    """Dynamo guards a Format shared by many layers with Python identity checks on every compiled call; the
+    traced path must get everything it needs from ``trace_spec`` and the buffers."""
+    lyr = make_layer(kind, w, a)
+    x = x_for(lyr, (2, 5), torch.float32, "cpu")
+    fn = kb._decode_linear_torch if kind == "linear" else kb._decode_conv_torch
+    want = fn(lyr, x)
+    lyr.__dict__["weight_format"] = _NoFormatObjects()
+    if a is not None:
+        lyr.__dict__["input_format"] = _NoFormatObjects()
+    assert torch.equal(fn(lyr, x), want)
+    if a is not None:
+        assert torch.equal(kb._quant_torch(x, lyr), kb._quant_torch(x.clone(), lyr))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # CPU through the Triton interpreter
 # ------------------------------------------------------------------------------------------------------------

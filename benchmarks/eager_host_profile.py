@@ -1,0 +1,85 @@
+"""Where an eager UNet forward spends its *host* time: cProfile over a few bf16 and fpq W8A8 forwards on a GPU.
+
+Eager UNet calls on the lent GPUs are host-bound (the device finishes each kernel before the next is launched), so
+an fpq layer's Python and launch cost, not its kernel, sets eager latency. This prints, per variant, the host time
+per forward and the functions with the most own time, and writes them as JSON.
+
+    python benchmarks/eager_host_profile.py --model sd15 --batch 2 --out benchmarks/results/eager_host_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_unet import LATENT, build, call, input_ranges, quantized_copy  # noqa: E402
+
+
+def host_profile(variant, inp, calls: int, top: int) -> dict:
+    for _ in range(3):
+        call(variant, inp)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        call(variant, inp)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / calls
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call(variant, inp)
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}:{fn}", "calls_per_forward": round(nc / calls, 1),
+                     "own_ms_per_forward": round(tt / calls * 1e3, 3),
+                     "cum_ms_per_forward": round(ct / calls * 1e3, 3)})
+    rows.sort(key=lambda r: -r["own_ms_per_forward"])
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+    return {"wall_ms_per_forward": round(wall * 1e3, 2), "top_own_time": rows[:top], "cumulative_text": buf.getvalue()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="sd15")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--out", default="benchmarks/results/eager_host_h200.json")
+    args = ap.parse_args()
+    from fpq_plugin.models.unet_configs import example_unet_inputs
+
+    dev = torch.device("cuda")
+    base = build(args.model, dev)
+    lat = LATENT[args.model]
+    inp = example_unet_inputs(base, batch=args.batch, height=lat, width=lat)
+    fpq, _ = quantized_copy(base, "w8a8", input_ranges(base, inp))
+    res = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "variants": {}}
+    for name, model in (("bf16", base), ("fpq_w8a8", fpq)):
+        res["variants"][name] = host_profile({"name": name, "model": model}, inp, args.calls, args.top)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    for name, r in res["variants"].items():
+        print(f"== {name}: {r['wall_ms_per_forward']} ms per forward (host-bound eager)")
+        for row in r["top_own_time"][:18]:
+            print(f"  {row['own_ms_per_forward']:8.3f} ms own {row['cum_ms_per_forward']:8.3f} cum "
+                  f"{row['calls_per_forward']:7.1f}x  {row['function']}")
+
+
+if __name__ == "__main__":
+    main()
