@@ -104,6 +104,8 @@ ABLATION_VARIANTS: tuple[Variant, ...] = (
             calibration_fraction=0.25),
     Variant("abl-two-timesteps", "FP4 W4A8 learned, 2 calibration timesteps per prompt", "w4a8", _LEARNED,
             calibration_timesteps=2),
+    Variant("abl-step-aware-rounding", "FP4 W4A8 (activation search) learned, step-aware rounding (FP4DiT)",
+            "w4a8-search", _BASE.replace(name="step-aware-rounding", step_aware_rounding=True)),
 )
 
 

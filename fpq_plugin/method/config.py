@@ -34,6 +34,9 @@ class MethodConfig:
         lr, reg_weight, beta_start, beta_end, warmup: AdaRound optimisation (see module docstring).
         quantize_acts_during_rounding: keep the static activation quantizers on (straight-through) while learning
             rounding, so the weights adapt to the activation noise they will see.
+        step_aware_rounding: FP4DiT's "scale-aware" FP AdaRound, ``h = rect_sigmoid(V / step)`` with ``V`` started
+            at ``step * V0``: an element's rounding moves at a rate inversely proportional to its grid step, so
+            the many small weights on fine FP steps are trained as hard as the few large ones (INT: step 1, no change).
         seed: seeds row sampling and mini-batch order; results are deterministic for a seed on one device.
     """
 
@@ -50,6 +53,7 @@ class MethodConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     quantize_acts_during_rounding: bool = True
+    step_aware_rounding: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -14,6 +14,10 @@ from 20 to 2 after a warm-up) pushes every ``h`` to 0 or 1. Rounding up from the
 value of the next binade, which is on the grid; only the top of the range needs the clamp. INT formats use the same
 code with a step of 1 and the zero point.
 
+``MethodConfig.step_aware_rounding`` switches on FP4DiT's variant, ``h = rect_sigmoid(V / step)``: Adam moves every
+``V`` at about the same rate, so dividing by the step makes elements on fine steps (small weights) learn their
+rounding faster than elements on coarse steps.
+
 Reconstruction (:func:`reconstruct`) optimises all ``V`` of a unit (a block or a layer) so its output on
 quantized-model inputs matches the full-precision model's output of that unit.
 """
@@ -68,7 +72,8 @@ class _STERound(torch.autograd.Function):
 class SoftQuantLayer(nn.Module):
     """Stands in for a Linear/Conv2d during reconstruction: learnable rounding of its weight, static input quantizer."""
 
-    def __init__(self, module: nn.Module, qweight: QuantizedWeight, act: tuple | None, quantize_acts: bool) -> None:
+    def __init__(self, module: nn.Module, qweight: QuantizedWeight, act: tuple | None, quantize_acts: bool,
+                 step_aware: bool = False) -> None:
         super().__init__()
         self.module = module  # geometry and bias; its float weight is the starting point
         self.fmt = qweight.format
@@ -84,19 +89,25 @@ class SoftQuantLayer(nn.Module):
         # h(V) = rest at the start: V = -log((zeta - gamma) / (rest - gamma) - 1), kept finite at the ends.
         self.register_buffer("nearest_up", rest >= 0.5)
         rest = rest.clamp(1e-4, 1 - 1e-4)
-        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        v0 = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        # step_aware: h = rect_sigmoid(V / step), V = step * v0 (FP4DiT); V's sign, hence hard rounding, is the same
+        self.register_buffer("v_divisor", step.clone() if step_aware else None)
+        self.v = nn.Parameter(v0 * step if step_aware else v0)
         self.act = act if quantize_acts else None
         self.hard = False
 
+    def soft_h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v if self.v_divisor is None else self.v / self.v_divisor)
+
     def grid_values(self) -> torch.Tensor:
-        h = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)
+        h = (self.v >= 0).float() if self.hard else self.soft_h()
         q = self.floor + h * self.step
         if self.fmt.kind == "int":
             return q.clamp(0, self.fmt.qmax) - self.zero_point
         return q.clamp(-self.fmt.max_value, self.fmt.max_value)
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+        return (1 - (2 * self.soft_h() - 1).abs().pow(beta)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (self.grid_values() * self.scale).reshape(self.module.weight.shape).to(x.dtype)

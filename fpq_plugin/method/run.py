@@ -258,7 +258,8 @@ def _learn_unit(model, fp_model, unit, float_layers, plans, q_io, calls, config,
                 torch.tensor(plan.input_scale, device=device),
                 torch.tensor(plan.input_zero_point, device=device) if plan.input_zero_point is not None else None,
             )
-        soft = SoftQuantLayer(module, plan.weight, act, config.quantize_acts_during_rounding).to(device)
+        soft = SoftQuantLayer(module, plan.weight, act, config.quantize_acts_during_rounding,
+                              step_aware=config.step_aware_rounding).to(device)
         soft_layers[name] = soft
         set_submodule(model, name, soft)
     unit_module = model.get_submodule(unit.name)

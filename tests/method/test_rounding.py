@@ -81,3 +81,20 @@ def test_int_grid_uses_unit_steps() -> None:
     fmt = get_format("int4")
     floor, step = grid_floor_and_step(torch.tensor([0.2, 3.7, 14.5]), fmt)
     assert floor.tolist() == [0.0, 3.0, 14.0] and step.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_step_aware_rounding_starts_at_the_float_weight_and_learns() -> None:
+    """FP4DiT's variant: h = rect_sigmoid(V / step). It must start where plain AdaRound starts (same soft weight,
+    same hard rounding) and still beat round-to-nearest."""
+    layer, qweight, x, targets = _layer_problem(seed=2)
+    plain = SoftQuantLayer(layer, qweight, None, quantize_acts=False)
+    aware = SoftQuantLayer(layer, qweight, None, quantize_acts=False, step_aware=True)
+    assert not torch.equal(aware.v, plain.v)  # V is scaled by the step...
+    torch.testing.assert_close(aware.grid_values(), plain.grid_values())  # ...the soft weight is not
+    for s in (plain, aware):
+        s.hard = True
+    assert torch.equal(aware.grid_values(), plain.grid_values())
+    aware.hard = False
+    result = reconstruct(aware, [aware], ([(xi,) for xi in x], [{} for _ in x]), targets, CONFIG,
+                         generator=torch.Generator().manual_seed(0))
+    assert result["learned"] < 0.8 * result["nearest"], result
