@@ -493,6 +493,7 @@ def register_kernel_backends() -> None:
     from fpq_plugin.nn.base import ON_MOVE
 
     ON_MOVE.append(release_state)
+    _triton_ok()  # answered now, in eager code: torch.compile cannot trace the import lookup behind it
     decode = DecodeBackend()
     register_backend(Fp8Backend(decode), auto_priority=0)
     register_backend(decode, auto_priority=AUTO_ORDER.index("fp8") + 1)

@@ -654,7 +654,9 @@ def _launch(x2, pw: PreparedWeight, w_scale, x_scale, bias, y, act_dtype, cfg, l
     key = None
     if FAST_LAUNCH and not interp:
         knobs = triton.knobs.runtime
-        if knobs.launch_enter_hook is None and knobs.launch_exit_hook is None:
+        from fpq_plugin.kernels.qops import launch_hooks_idle
+
+        if launch_hooks_idle(knobs):
             key = (consts, nw, ns, maxnreg, x2.dtype, y.dtype, b_arg.dtype, w_op.dtype, x2.device.index,
                    _spec(n), _spec(k), _spec(kp), _spec(x2.stride(0)), _spec(w_op.stride(0)), _spec(y.stride(0)),
                    x2.data_ptr() % 16, w_op.data_ptr() % 16, w_scale.data_ptr() % 16, x_scale.data_ptr() % 16,

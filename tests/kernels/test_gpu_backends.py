@@ -375,3 +375,24 @@ def test_gpu_offloading_a_layer_frees_its_memory(kind):
     second = use_then_offload(1)
     assert torch.cuda.memory_allocated() == before, "the offloaded layer still holds GPU memory"
     assert first.weight_codes.device.type == second.weight_codes.device.type == "cpu"
+
+
+@gpu
+@needs_sm89
+@pytest.mark.parametrize("kind,w,a", [("linear", "e4m3fn", "e4m3fn"), ("conv", "e4m3fn", "e4m3fn"),
+                                      ("linear", "e2m1", None)])
+def test_repeat_calls_use_the_cached_launches(kind, w, a):
+    """After the first call a layer's Triton kernels are launched directly (the eager UNet is host-bound; going
+    through Triton's binder each time cost ~100 us per layer on the lent H200)."""
+    kb.register_kernel_backends()
+    lyr = make_layer(kind, w, a, n=256, c=64, device="cuda")
+    x = x_for(lyr, (128,) if kind == "linear" else (2,), torch.bfloat16, "cuda")
+    first = lyr(x)
+    again = lyr(x)
+    st = kb._state(lyr)
+    assert st.q_launch or st.dec_launch, "no cached launch: every call pays Triton's binder"
+    if a is not None:
+        assert st.q_launch
+    if kind == "conv" or w != "e4m3fn":
+        assert st.dec_launch
+    assert torch.equal(first, again)
