@@ -63,12 +63,13 @@ def _load_optional_backends() -> None:
 
 def _auto_pick(layer, x: torch.Tensor):
     """The first backend of :data:`AUTO_ORDER` that supports this call, with the one-time fallback messages."""
+    compiling = torch.compiler.is_compiling()
     for name in AUTO_ORDER:
         backend = BACKENDS[name]
         reason = backend.supports(layer, x)
         if reason is None:
             return backend
-        if (name, reason) in _warned:
+        if compiling or (name, reason) in _warned:  # (Dynamo cannot trace logging: messages are the eager call's)
             continue
         _warned.add((name, reason))
         # A missing capability of this machine (old GPU, no triton) deserves a warning the user sees once; a layer

@@ -121,3 +121,16 @@ def test_first_use_of_a_backend_is_logged_once(caplog, monkeypatch):
         QLinear(16, 8, "e4m3fn", None)(torch.randn(2, 16))  # another layer, same kind, backend and device
     lines = [r.getMessage() for r in caplog.records if "runs quantized" in r.getMessage()]
     assert lines == ["fpq: backend 'auto' runs quantized linear layers on 'dequant' (cpu, float32 input)"]
+
+
+def test_a_layer_compiled_before_any_eager_call_traces_one_graph(monkeypatch):
+    """torch.compile of a layer that never ran eagerly picks its backend inside the trace: the fallback messages
+    (logging, warnings) must stay out of it, or Dynamo breaks the graph (fullgraph=True raises)."""
+    kb.register_kernel_backends()
+    monkeypatch.setattr(B, "_warned", set())  # so the 'not using fp8' message would be due now
+    torch._dynamo.reset()
+    lyr = QLinear(64, 32, "e2m1", None)
+    x = torch.randn(5, 64)
+    want = B.get_backend("dequant").linear(lyr, x)
+    got = torch.compile(lyr, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
