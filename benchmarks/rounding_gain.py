@@ -31,15 +31,25 @@ PROMPTS = (
 )
 
 
+def _override(item: str) -> tuple[str, object]:
+    field, _, value = item.partition("=")
+    parsed = {"true": True, "false": False}.get(value.lower())
+    if parsed is None:
+        parsed = float(value) if any(c in value for c in ".e") else int(value)
+    return field, parsed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default="int4,w4a8,w4a8-search")
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a MethodConfig field, e.g. --set lr=0.01 --set step_aware_rounding=true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pipe = load_t2i_pipeline()
     calls = capture_pipeline_inputs(pipe, list(PROMPTS), num_inference_steps=20, keep_steps=4)
-    config = get_method_config("standard").replace(rounding_iters=args.iters)
+    config = get_method_config("standard").replace(rounding_iters=args.iters, **dict(map(_override, args.set)))
     rows = {}
     for name in args.recipes.split(","):
         start = time.perf_counter()
@@ -53,7 +63,8 @@ def main() -> None:
                       "formats": report.format_counts(), "seconds": round(time.perf_counter() - start, 1)}
         print(name, rows[name], flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "config": config.__dict__, "rows": rows},
+                                             indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

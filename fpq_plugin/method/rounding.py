@@ -14,9 +14,9 @@ from 20 to 2 after a warm-up) pushes every ``h`` to 0 or 1. Rounding up from the
 value of the next binade, which is on the grid; only the top of the range needs the clamp. INT formats use the same
 code with a step of 1 and the zero point.
 
-``MethodConfig.step_aware_rounding`` switches on FP4DiT's variant, ``h = rect_sigmoid(V / step)``: Adam moves every
-``V`` at about the same rate, so dividing by the step makes elements on fine steps (small weights) learn their
-rounding faster than elements on coarse steps.
+``MethodConfig.step_aware_rounding`` (on by default) is FP4DiT's variant, ``h = rect_sigmoid(V / step)``: Adam moves
+every ``V`` at about the same rate, so dividing by the step makes elements on fine steps (small weights) learn
+their rounding faster than elements on coarse steps.
 
 Reconstruction (:func:`reconstruct`) optimises all ``V`` of a unit (a block or a layer) so its output on
 quantized-model inputs matches the full-precision model's output of that unit.
