@@ -182,21 +182,22 @@ def _state(layer) -> _State:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# These read only the layer's buffers and ``layer.trace_spec`` (plain constants: see nn.base._trace_spec), no
+# These read only the layer's buffers and ``layer.trace_spec`` (plain constants: see nn.base.TraceSpec), no
 # per-layer state or weak dictionaries, so Dynamo traces them into one graph with cheap guards; Inductor fuses the
 # decode and the activation cast into neighbouring kernels.
 
 
 def _codes_torch(layer) -> torch.Tensor:
     codes = layer.weight_codes
-    if layer.trace_spec[5]:  # packed 4-bit
+    if layer.trace_spec.packed:
         codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)[:, : layer.reduction]
     return codes
 
 
 def _values_torch(layer, codes: torch.Tensor) -> torch.Tensor:
     """fp32 value of each code, from the format's bit fields (elementwise arithmetic, no table)."""
-    kind, name, e, m, bias = layer.trace_spec[:5]
+    spec = layer.trace_spec
+    kind, name, e, m, bias = spec.weight_kind, spec.weight_name, spec.exp_bits, spec.man_bits, spec.bias
     if kind == "int":
         v = codes.float()
     elif name in _FP8:  # the hardware formats: a reinterpretation
@@ -221,13 +222,13 @@ def _decode_float_torch(layer, dtype, fold_xs: bool) -> torch.Tensor:
 
 def _decode_fp8_torch(layer) -> torch.Tensor:
     codes = layer.weight_codes
-    if layer.trace_spec[1] == "e4m3fn":
+    if layer.trace_spec.weight_name == "e4m3fn":
         return codes.view(torch.float8_e4m3fn)
     return _values_torch(layer, _codes_torch(layer)).to(torch.float8_e4m3fn)  # FP4 values are exact in e4m3
 
 
 def _quant_torch(x, layer):
-    act = _FP8[layer.trace_spec[6]]
+    act = _FP8[layer.trace_spec.input_name]
     fmax = _FMAX[act]
     return (x.float() * torch.reciprocal(layer.input_scale)).clamp(-fmax, fmax).to(act)
 
@@ -238,7 +239,7 @@ def _fp8_linear_torch(layer, x: torch.Tensor) -> torch.Tensor:
     m = x2.shape[0]
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     # rowwise-scaled _scaled_mm exists on CUDA only (torch 2.11's CPU build asserts per-tensor scales)
-    if x.is_cuda and layer.trace_spec[6] == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
+    if x.is_cuda and layer.trace_spec.input_name == "e4m3fn" and m % 16 == 0 and _cublas_shape_ok(m, n, k):
         # Epilogue acc * scale_a[m] * scale_b[n] with scale_a = x_scale (one fill, which Inductor fuses into the
         # activation cast) and scale_b = the per-channel weight scale as it is stored (a view: no kernel). The eager
         # path multiplies x_scale into scale_b instead; both are the reference's two fp32 products up to order.
@@ -252,14 +253,14 @@ def _fp8_linear_torch(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_linear_torch(layer, x):
-    fold = layer.trace_spec[6] is not None
+    fold = layer.trace_spec.input_name is not None
     xq = _quant_torch(x, layer).to(x.dtype) if fold else x
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(xq, _decode_float_torch(layer, x.dtype, fold), bias)
 
 
 def _decode_conv_torch(layer, x):
-    fold = layer.trace_spec[6] is not None
+    fold = layer.trace_spec.input_name is not None
     xq = _quant_torch(x, layer).to(x.dtype) if fold else x
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     w = _decode_float_torch(layer, x.dtype, fold).reshape(layer.weight_shape)

@@ -17,7 +17,7 @@ The arithmetic lives in the backends (:mod:`fpq_plugin.backends`); the layer onl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,25 +33,29 @@ from fpq_plugin.quantizers import QuantizedWeight
 ON_MOVE: list[Callable[[QuantizedLayer], None]] = []
 
 
-def _trace_spec(weight_format: Format, input_format: Format | None) -> tuple:
-    """The formats as plain constants, for the code ``torch.compile`` traces.
+class TraceSpec(NamedTuple):
+    """A layer's formats as plain constants, for the code ``torch.compile`` traces.
 
     Dynamo guards a Python object that several layers share (every e4m3fn layer holds the same Format) with
-    identity guards between all the places it is read from, which it checks in Python on every compiled call;
-    ints and strings are guarded by value in C++. Reading this tuple instead of the Format objects cut the guard
-    tree of a compiled UNet by ~40% (benchmarks/NOTES_GPU.md). Fields: (weight kind, weight name, exponent bits,
-    mantissa bits, exponent bias, packed 4-bit, activation format name or None).
+    identity checks between all the places it is read from, evaluated in Python on every compiled call; ints and
+    strings are guarded by value in C++. Reading this instead of the Format objects removed ~150 such checks from a
+    compiled UNet's guards (benchmarks/NOTES_GPU.md, 2026-12-03).
     """
-    fp = weight_format.kind != "int"
-    return (
-        weight_format.kind,
-        weight_format.name,
-        weight_format.exp_bits if fp else 0,
-        weight_format.man_bits if fp else 0,
-        float(weight_format.bias) if fp else 0.0,
-        weight_format.bits <= 4,
-        input_format.name if input_format is not None else None,
-    )
+
+    weight_kind: str  # "fp" or "int"
+    weight_name: str
+    exp_bits: int  # FP bit fields (0 for INT)
+    man_bits: int
+    bias: float
+    packed: bool  # two 4-bit codes per byte
+    input_name: str | None  # activation format, None for weight-only layers
+
+    @classmethod
+    def of(cls, weight_format: Format, input_format: Format | None) -> TraceSpec:
+        fp = weight_format.kind != "int"
+        return cls(weight_format.kind, weight_format.name, weight_format.exp_bits if fp else 0,
+                   weight_format.man_bits if fp else 0, float(weight_format.bias) if fp else 0.0,
+                   weight_format.bits <= 4, input_format.name if input_format is not None else None)
 
 
 class QuantizedLayer(nn.Module):
@@ -79,7 +83,7 @@ class QuantizedLayer(nn.Module):
     ) -> None:
         self.weight_format = get_format(weight_format)
         self.input_format = get_format(input_format) if input_format is not None else None
-        self.trace_spec = _trace_spec(self.weight_format, self.input_format)
+        self.trace_spec = TraceSpec.of(self.weight_format, self.input_format)
         self.out_features = out_features
         self.reduction = reduction  # K: the length of one weight row
         self.per_channel = per_channel
