@@ -91,13 +91,13 @@ class SoftQuantLayer(nn.Module):
         rest = rest.clamp(1e-4, 1 - 1e-4)
         v0 = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
         # step_aware: h = rect_sigmoid(V / step), V = step * v0 (FP4DiT); V's sign, hence hard rounding, is the same
-        self.register_buffer("v_divisor", step.clone() if step_aware else None)
+        self.step_aware = step_aware
         self.v = nn.Parameter(v0 * step if step_aware else v0)
         self.act = act if quantize_acts else None
         self.hard = False
 
     def soft_h(self) -> torch.Tensor:
-        return rectified_sigmoid(self.v if self.v_divisor is None else self.v / self.v_divisor)
+        return rectified_sigmoid(self.v / self.step if self.step_aware else self.v)
 
     def grid_values(self) -> torch.Tensor:
         h = (self.v >= 0).float() if self.hard else self.soft_h()
