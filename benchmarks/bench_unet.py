@@ -232,6 +232,33 @@ def graph_time(v, inp, reps):
     return t
 
 
+def front_door_time(v, inp, reps):
+    """What FPQuantPipeline / the ComfyUI node run: ``enable_cuda_graphs`` on the model, then ordinary calls
+    (input copies into the captured buffers, replay, output copy). Per call with a sync (as ``eager_ms``) and back to
+    back (10 calls, as a denoising loop issues them); the first call (warm-up + capture) is timed on its own, and
+    the replay is checked bit for bit against the eager output."""
+    from fpq_plugin.integrations.cuda_graphs import disable_cuda_graphs, enable_cuda_graphs
+
+    want = call(v, inp)
+    graphed = enable_cuda_graphs(v["model"])
+    try:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        first = call(v, inp)
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t
+        per_call = _time_ms(lambda: call(v, inp), reps=reps, warm=2)
+        b2b = _time_ms(lambda: [call(v, inp) for _ in range(10)], reps=5, warm=1) / 10
+        return {"front_door_ms": round(per_call, 3), "front_door_ms_back_to_back": round(b2b, 3),
+                "front_door_first_call_s": round(first_s, 3),
+                "front_door_equals_eager": bool(torch.equal(first, want)),
+                "front_door_stats": dict(graphed.stats)}
+    finally:
+        disable_cuda_graphs(v["model"])
+        del want
+        torch.cuda.empty_cache()
+
+
 def peak_call(v, inp):
     gc.collect()
     torch.cuda.synchronize()
@@ -398,6 +425,8 @@ def main():
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--front-door", action="store_true",
+                    help="also time calls through enable_cuda_graphs (what FPQuantPipeline and the node run)")
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile measurements")
     ap.add_argument("--compile-variants", default="bf16,fpq_w8a8,torchao_fp8_row")
     ap.add_argument("--compile-mode", default="default",
@@ -535,6 +564,17 @@ def main():
                             vres[v["name"]]["graph_ms"] = round(min(rr), 3)
                     log(f"{key}: graphs done")
                     save(args.out, {"results": {key: out}})
+                if args.front_door:
+                    for v in ok:
+                        if v.get("channels_last") or v.get("method", "auto") != "auto":
+                            continue  # the front doors run the default methods on the pipeline's NCHW latents
+                        try:
+                            vres[v["name"]].update(front_door_time(v, inp, reps=args.reps))
+                        except Exception as e:  # noqa: BLE001
+                            traceback.print_exc()
+                            vres[v["name"]]["front_door_error"] = repr(e)[:300]
+                    log(f"{key}: front door done")
+                    save(args.out, {"results": {key: out}})
                 if not args.no_profile:
                     for v in ok:
                         try:
@@ -550,6 +590,11 @@ def main():
                         r["speedup_eager_vs_bf16"] = round(base_t / r["eager_ms"], 3)
                     if base_g and r.get("graph_ms"):
                         r["speedup_graph_vs_bf16_graph"] = round(base_g / r["graph_ms"], 3)
+                    if base_t and r.get("front_door_ms"):
+                        r["speedup_front_door_vs_bf16_eager"] = round(base_t / r["front_door_ms"], 3)
+                    if vres["bf16"].get("front_door_ms") and r.get("front_door_ms"):
+                        r["speedup_front_door_vs_bf16_front_door"] = round(
+                            vres["bf16"]["front_door_ms"] / r["front_door_ms"], 3)
                 save(args.out, {"results": {key: out}})
             else:
                 cvars = [v for v in variants if v["name"] in args.compile_variants.split(",")]
@@ -609,7 +654,8 @@ def print_table(path):
     with open(path) as fh:
         res = json.load(fh)
     print("\nfloors:", res.get("floors"))
-    cols = ("eager_ms", "speedup_eager_vs_bf16", "graph_ms", "speedup_graph_vs_bf16_graph", "compiled_ms",
+    cols = ("eager_ms", "speedup_eager_vs_bf16", "graph_ms", "speedup_graph_vs_bf16_graph", "front_door_ms",
+            "speedup_front_door_vs_bf16_eager", "compiled_ms",
             "speedup_compiled_vs_bf16_compiled", "weight_MiB", "peak_MiB", "rel_err_vs_reference_backend")
     print("config variant " + " ".join(cols))
     for key, r in res.get("results", {}).items():

@@ -22,6 +22,7 @@ from .comfy_integration import (
     quant_cache,
     quantizable_layers,
     quantized_copy,
+    set_cuda_graphs,
 )
 
 logger = logging.getLogger("fpq")
@@ -91,6 +92,15 @@ class FPQuantizeUNet:
                     },
                 ),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed of calibration."}),
+                "cuda_graphs": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Replay the UNet from CUDA graphs on NVIDIA GPUs: the first step of each image "
+                        "size captures, later steps skip Python's per-layer overhead. Runs eagerly by itself with "
+                        "ControlNet, attention patches or lowvram.",
+                    },
+                ),
             },
         }
 
@@ -108,6 +118,7 @@ class FPQuantizeUNet:
         clip: Any = None,
         calibration_resolution: int = 512,
         seed: int = 0,
+        cuda_graphs: bool = True,
     ) -> tuple[Any]:
         if recipe not in RECIPES:
             raise NodeInputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -160,6 +171,7 @@ class FPQuantizeUNet:
             model, method_recipe, layer_names, quantize=quantize, cache=quant_cache(), cache_key_parts=key_parts
         )
         progress.finish()
+        set_cuda_graphs(quantized.model, cuda_graphs)
         info = quantized.model.fpq_method or {}
         logger.info(
             "fpq: %s (%s): %d layers (%s) %s, model %s -> %s, calibration %.1f s, total %.1f s; method %s, %d/%d "

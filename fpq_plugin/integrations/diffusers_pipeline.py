@@ -30,6 +30,7 @@ import torch
 from fpq_plugin.cache import QuantCache, cache_key
 from fpq_plugin.errors import CheckpointError
 from fpq_plugin.fingerprint import fingerprint_module
+from fpq_plugin.integrations.cuda_graphs import enable_cuda_graphs
 from fpq_plugin.integrations.progress import PhaseProgress, RichPhaseBars, is_interactive
 from fpq_plugin.integrations.single_file import load_single_file_pipeline
 from fpq_plugin.io import load_quantized, save_quantized
@@ -121,6 +122,7 @@ class FPQuantPipeline:
         config: str | os.PathLike | None = None,
         original_config: str | os.PathLike | None = None,
         progress: PhaseProgress | bool | None = None,
+        cuda_graphs: bool = True,
         **pipeline_kwargs: Any,
     ):
         """Load a pipeline and quantize its UNet (from the cache when possible).
@@ -146,6 +148,9 @@ class FPQuantPipeline:
             progress: ``None`` shows rich progress bars when stderr is a terminal; ``True``/``False`` forces them
                 on/off; a callable ``progress(phase, done, total, detail)`` receives the updates instead
                 (:mod:`fpq_plugin.integrations.progress`). Raising from it cancels: nothing is written.
+            cuda_graphs: on CUDA, replay the UNet's forward from CUDA graphs (one capture per input shape,
+                then about half the time per denoising step: :mod:`fpq_plugin.integrations.cuda_graphs`, which
+                also lists when a call runs eagerly instead). ``False`` keeps plain eager calls.
             pipeline_kwargs: passed to diffusers' ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``).
 
         Returns:
@@ -165,7 +170,7 @@ class FPQuantPipeline:
         path = Path(path)
         quantized_file = path / "unet" / QUANTIZED_UNET_FILE
         if quantized_file.is_file():
-            return load_quantized_pipeline(path, device=device, **pipeline_kwargs)
+            return load_quantized_pipeline(path, device=device, cuda_graphs=cuda_graphs, **pipeline_kwargs)
         recipe = get_recipe(recipe)
         method_config = get_method_config(method)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -201,7 +206,8 @@ class FPQuantPipeline:
                 unet, hit = build(), False
         pipe.unet = unet.to(device)
         pipe.fpq_info = {"cache_key": key, "cache_hit": hit, "fingerprint": fingerprint, "recipe": recipe.name,
-                         "method": method_config.name, "settings": settings}
+                         "method": method_config.name, "settings": settings,
+                         "cuda_graphs": _use_cuda_graphs(pipe.unet, cuda_graphs)}
         logger.info("fpq: %s UNet %s (cache %s)", recipe.name, "restored" if hit else "calibrated", key)
         return pipe
 
@@ -252,8 +258,20 @@ def save_quantized_pipeline(pipe: Any, path: str | os.PathLike, *, recipe: str |
     return path
 
 
-def load_quantized_pipeline(path: str | os.PathLike, *, device: str | torch.device | None = None, **kwargs: Any):
-    """Load a folder written by :func:`save_quantized_pipeline` (no calibration, no float UNet weights)."""
+def _use_cuda_graphs(unet: torch.nn.Module, wanted: bool) -> bool:
+    # Installed whenever CUDA exists: CPU calls go straight to the eager forward, and a pipeline moved to the GPU
+    # later (pipe.to("cuda"), accelerate's offloading) gets the replays too.
+    if not wanted or not torch.cuda.is_available():
+        return False
+    enable_cuda_graphs(unet)
+    return True
+
+
+def load_quantized_pipeline(
+    path: str | os.PathLike, *, device: str | torch.device | None = None, cuda_graphs: bool = True, **kwargs: Any
+):
+    """Load a folder written by :func:`save_quantized_pipeline` (no calibration, no float UNet weights); with
+    CUDA the UNet replays CUDA graphs unless ``cuda_graphs=False`` (see :meth:`FPQuantPipeline.from_pretrained`)."""
     from diffusers import DiffusionPipeline
 
     path = Path(path)
@@ -263,5 +281,6 @@ def load_quantized_pipeline(path: str | os.PathLike, *, device: str | torch.devi
         pipe = pipe.to(device)
     pipe.fpq_info = {"cache_key": None, "cache_hit": False, "fingerprint": header.model_fingerprint,
                      "recipe": header.recipe.name, "method": header.extra.get("method"),
-                     "settings": header.extra.get("settings"), "loaded_from": str(path)}
+                     "settings": header.extra.get("settings"), "loaded_from": str(path),
+                     "cuda_graphs": _use_cuda_graphs(pipe.unet, cuda_graphs)}
     return pipe

@@ -264,6 +264,13 @@ def _decode_conv_torch(layer, x):
     xq = _quant_torch(x, layer).to(x.dtype) if fold else x
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     w = _decode_float_torch(layer, x.dtype, fold).reshape(layer.weight_shape)
+    if x.is_cuda and x.dim() == 4:
+        # cuDNN's bf16 convs run channels-last. Inductor makes a float model's conv weights channels-last, but it
+        # leaves a weight computed in the graph (this decode) as it is written, so cuDNN paid a layout transpose
+        # of weight and activation per conv (2.8 ms of an SDXL B2 forward). Asking for channels-last here makes
+        # the decode kernel (and the activation's producer) write it directly.
+        w = w.contiguous(memory_format=torch.channels_last)
+        xq = xq.contiguous(memory_format=torch.channels_last)
     return F.conv2d(xq, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 

@@ -1,0 +1,215 @@
+"""CUDA-graph replay of a UNet forward (``fpq_plugin.integrations.cuda_graphs``).
+
+The GPU tests run real diffusers UNets (tiny configs, fpq W8A8 and bf16) and check that a replay returns exactly
+what the eager forward returns, and every rule that sends a call back to eager mode. The CPU tests check what a
+machine without CUDA sees: the wrapper is transparent.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+
+import pytest
+import torch
+
+import fpq_plugin as fpq
+from fpq_plugin.integrations.cuda_graphs import (
+    GraphedForward,
+    disable_cuda_graphs,
+    enable_cuda_graphs,
+    graphed_forward,
+)
+from fpq_plugin.models.unet_configs import build_unet, example_unet_inputs
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+    reason="CUDA graphs need a CUDA GPU (and fpq's kernels triton); CI has none",
+)
+
+
+def _unet(name: str = "tiny", device: str = "cpu", dtype=torch.float32, recipe: str | None = "w8a8"):
+    unet = build_unet(name, dtype=dtype, device=device, seed=1)
+    if recipe is not None:
+        inputs = example_unet_inputs(unet, batch=2, seed=5)
+        with torch.no_grad():
+            fpq.quantize_(unet, recipe, calibration_fn=lambda m: m(**inputs))
+    return unet
+
+
+def _call(unet, inputs):
+    return unet(**inputs, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Any machine
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_enable_is_idempotent_and_disable_restores_the_class_forward() -> None:
+    unet = _unet(recipe=None)
+    graphed = enable_cuda_graphs(unet)
+    assert isinstance(unet.forward, GraphedForward)
+    assert enable_cuda_graphs(unet) is graphed and graphed_forward(unet) is graphed
+    assert disable_cuda_graphs(unet) is True
+    assert "forward" not in unet.__dict__ and graphed_forward(unet) is None
+    assert disable_cuda_graphs(unet) is False
+
+
+def test_on_the_cpu_the_wrapper_returns_the_eager_output(monkeypatch) -> None:
+    unet = _unet(recipe="w8a8")
+    inputs = example_unet_inputs(unet, batch=2, seed=2)
+    with torch.no_grad():
+        want = _call(unet, inputs)
+        enable_cuda_graphs(unet)
+        got = _call(unet, inputs)
+    assert torch.equal(got, want)
+    assert graphed_forward(unet).stats["eager"] == 1 and graphed_forward(unet).num_graphs == 0
+
+
+def test_a_python_number_timestep_is_passed_as_a_tensor_of_diffusers_dtype() -> None:
+    seen = []
+    module = torch.nn.Linear(2, 2)
+    graphed = GraphedForward(module, lambda sample, timestep: seen.append(timestep))
+    graphed(torch.zeros(1), 7)
+    graphed(torch.zeros(1), timestep=0.5)
+    graphed(torch.zeros(1), torch.tensor(3))
+    assert [(t.dtype, t.item()) for t in seen] == [(torch.int64, 7), (torch.float64, 0.5), (torch.int64, 3)]
+
+
+def test_a_deep_copy_gets_its_own_empty_wrapper() -> None:
+    unet = _unet(recipe=None)
+    enable_cuda_graphs(unet, max_graphs=2)
+    twin = copy.deepcopy(unet)
+    assert graphed_forward(twin) is not graphed_forward(unet)
+    assert graphed_forward(twin).module is twin and graphed_forward(twin).max_graphs == 2
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphedForward(torch.nn.Linear(1, 1), print, max_graphs=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fpq_unet():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return _unet("tiny", device="cuda", dtype=torch.bfloat16, recipe="w8a8")
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_replays_equal_the_eager_forward_bit_for_bit(fpq_unet) -> None:
+    unet = fpq_unet
+    disable_cuda_graphs(unet)
+    with torch.no_grad():
+        runs = [example_unet_inputs(unet, batch=2, seed=s) for s in range(4)]
+        want = [_call(unet, r) for r in runs]
+        graphed = enable_cuda_graphs(unet)
+        got = [_call(unet, r) for r in runs]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert graphed.stats["capture"] == 1 and graphed.stats["replay"] == 4 and graphed.stats["eager"] == 0
+    # the outputs are copies: a later replay did not overwrite an earlier result
+    assert len({g.data_ptr() for g in got}) == 4
+    disable_cuda_graphs(unet)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_a_new_shape_captures_again_and_old_graphs_are_evicted(fpq_unet) -> None:
+    unet = fpq_unet
+    graphed = enable_cuda_graphs(unet, max_graphs=2)
+    try:
+        with torch.no_grad():
+            for batch in (1, 2, 1, 3, 2):
+                inputs = example_unet_inputs(unet, batch=batch, seed=batch)
+                got = _call(unet, inputs)
+                eager = graphed.forward(**inputs, return_dict=False)[0]
+                assert torch.equal(got, eager), batch
+        # batch 1, 2 captured; 1 replayed; 3 evicts 2; 2 evicts 1
+        assert graphed.stats["capture"] == 4 and graphed.stats["replay"] == 5 and graphed.stats["evicted"] == 2
+        assert graphed.num_graphs == 2
+    finally:
+        disable_cuda_graphs(unet)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_replaced_or_rewritten_weights_drop_the_graphs() -> None:
+    unet = _unet("tiny", device="cuda", dtype=torch.bfloat16, recipe=None)
+    graphed = enable_cuda_graphs(unet)
+    inputs = example_unet_inputs(unet, batch=2, seed=0)
+    with torch.no_grad():
+        _call(unet, inputs)
+        conv = unet.conv_in
+        conv.weight = torch.nn.Parameter(conv.weight * 2)  # replaced (as LoRA patching does)
+        got = _call(unet, inputs)
+        assert torch.equal(got, graphed.forward(**inputs, return_dict=False)[0])
+        unet.conv_out.weight.mul_(0.5)  # written in place (as load_state_dict does)
+        got = _call(unet, inputs)
+        assert torch.equal(got, graphed.forward(**inputs, return_dict=False)[0])
+    assert graphed.stats["capture"] == 3
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_autograd_training_and_offloaded_weights_run_eagerly(fpq_unet, caplog) -> None:
+    unet = fpq_unet
+    graphed = enable_cuda_graphs(unet)
+    inputs = example_unet_inputs(unet, batch=2, seed=0)
+    try:
+        with caplog.at_level(logging.INFO, logger="fpq_plugin.integrations.cuda_graphs"):
+            _call(unet, inputs)  # grad mode on
+            unet.train()
+            with torch.no_grad():
+                _call(unet, inputs)
+            unet.eval()
+        assert graphed.stats["eager"] == 2 and graphed.stats["capture"] == 0
+        messages = " ".join(r.getMessage() for r in caplog.records)
+        assert "autograd is on" in messages and "training mode" in messages
+    finally:
+        disable_cuda_graphs(unet)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_sdxl_added_conditioning_and_number_timesteps_replay_one_graph() -> None:
+    unet = _unet("tiny-xl", device="cuda", dtype=torch.bfloat16, recipe="w8a8")
+    base = example_unet_inputs(unet, batch=2, seed=0)
+    graphed = enable_cuda_graphs(unet)
+    with torch.inference_mode():
+        for step, t in enumerate((999, 500, 1)):
+            inputs = {**base, "timestep": t, "sample": base["sample"] * (step + 1)}
+            got = _call(unet, inputs)
+            assert torch.equal(got, graphed.forward(**inputs, return_dict=False)[0]), t
+    assert graphed.stats["capture"] == 1 and graphed.stats["replay"] == 3
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_fpquant_pipeline_replays_graphs_and_makes_the_same_images(tmp_path) -> None:
+    from fpq_plugin.integrations.diffusers_pipeline import FPQuantPipeline
+    from fpq_plugin.method import MethodConfig
+    from fpq_plugin.models.tiny_pipeline import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "tiny-sd15", "sd15", seed=0)
+    quick = MethodConfig("quick-test", rounding_iters=20, search_rows=256, weight_shrink_factors=(1.0, 0.8))
+    pipe = FPQuantPipeline.from_pretrained(folder, "w8a8", method=quick, num_prompts=2, num_inference_steps=4,
+                                           keep_steps=2, cache_dir=tmp_path / "cache", device="cuda")
+    graphed = graphed_forward(pipe.unet)
+    assert pipe.fpq_info["cuda_graphs"] is True and graphed is not None
+
+    def images():
+        return pipe(["a blue circle"], num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    with_graphs = images()
+    assert graphed.stats["capture"] == 1 and graphed.stats["replay"] == 5
+    disable_cuda_graphs(pipe.unet)
+    assert (images() == with_graphs).all()
