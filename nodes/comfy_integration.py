@@ -333,10 +333,11 @@ def float_snapshot(patcher: Any, layer_names: Iterable[str]) -> torch.nn.Module:
 
 def wrap_quantized(
     model: torch.nn.Module, recipe: Recipe, like: Any | None, load_device: Any, offload_device: Any,
-    cuda_graphs: bool = True,
+    cuda_graphs: bool = False,
 ):  # fmt: skip
     """A new :class:`FPQModelPatcher` around ``model`` (model options, wrappers and callbacks copied from ``like``);
-    ``cuda_graphs``: its diffusion model replays CUDA graphs (see :func:`set_cuda_graphs`)."""
+    ``cuda_graphs``: its diffusion model replays CUDA graphs (see :func:`set_cuda_graphs`; off by default in ComfyUI
+    until it has run in a GPU ComfyUI server)."""
     layer_names = adopt_layers(model.diffusion_model)
     set_cuda_graphs(model, cuda_graphs)
     model.fpq_weight_keys = frozenset(f"{DIFFUSION_PREFIX}{n}.weight" for n in layer_names)

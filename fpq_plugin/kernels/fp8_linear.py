@@ -590,6 +590,42 @@ def default_config(m: int, n: int, k: int, bits: int = 8) -> tuple[int, ...]:
     return (128, 256, 128, 8, 8, 3) if n >= 2048 else (128, 128, 128, 8, 8, 4)
 
 
+_SMEM_LIMIT: dict[int, int] = {}
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one block may use on ``device`` (None under the interpreter: no limit)."""
+    if _interpreting() or device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_LIMIT:
+        _SMEM_LIMIT[idx] = torch.cuda.get_device_properties(idx).shared_memory_per_block_optin
+    return _SMEM_LIMIT[idx]
+
+
+def fit_shared_memory(config: tuple[int, ...], x_bytes: int, limit: int | None) -> tuple[int, ...]:
+    """``config`` with fewer pipeline stages (then a smaller BLOCK_K) until its tiles fit ``limit`` bytes.
+
+    The tables are tuned for bf16/fp16 activations; the kernel keeps the A tile in the input's dtype (its cast to
+    fp8 happens after the load), so an fp32 input doubles that tile, and the H100 configs with 3-4 stages of
+    128x128 tiles then need 272 KB where Hopper has 227 KB (seen on an H200 with a float32 pipeline: Triton's
+    OutOfResources). Estimate per stage: A ``BLOCK_M x BLOCK_K x x_bytes`` + B ``BLOCK_N x BLOCK_K`` (fp8), which
+    is what Triton reported.
+    """
+    if limit is None:
+        return config
+    bm, bn, bk, gm, nw, ns, *rest = config
+
+    def need(bk: int, ns: int) -> int:
+        return ns * (bm * bk * x_bytes + bn * bk)
+
+    while need(bk, ns) > limit and ns > 2:
+        ns -= 1
+    while need(bk, ns) > limit and bk > 32:
+        bk //= 2
+    return (bm, bn, bk, gm, nw, ns, *rest)
+
+
 def _as_scale(t, device, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         t = torch.tensor(float(t), dtype=torch.float32, device=device)
@@ -760,6 +796,7 @@ def fp8_linear(
         return y.reshape(*lead, n)
     if config is None:
         config = _TUNED.get((m, n, k, pw.bits)) or default_config(m, n, k, pw.bits)
+        config = fit_shared_memory(config, x2.element_size(), shared_memory_limit(dev))
     if lut_mode is None:
         lut_mode = "portable" if _interpreting() else "asm"
     if clamp is None:
