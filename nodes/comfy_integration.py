@@ -37,6 +37,7 @@ import torch
 
 from fpq_plugin.api import iter_quantizable
 from fpq_plugin.errors import FPQError
+from fpq_plugin.integrations.comfyui_graphs import comfyui_unet_check
 from fpq_plugin.integrations.cuda_graphs import disable_cuda_graphs, enable_cuda_graphs
 from fpq_plugin.io import load_quantized, read_header, save_quantized
 from fpq_plugin.nn import LAYER_KINDS, QConv2d, QLinear, QuantizedLayer
@@ -357,40 +358,20 @@ def wrap_quantized(
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------------
-def graph_check(args: tuple, kwargs: dict) -> str | None:
-    """Why this call of ComfyUI's ``UNetModel.forward(x, timesteps, context, y, control, transformer_options)``
-    must run eagerly, or None.
-
-    A replay repeats the captured kernels, so anything that changes the computation from outside the arguments'
-    tensors has to keep the call eager: a ControlNet (its residuals come per step), attention or block patches
-    (IPAdapter, hypernetworks, FreeU...: ``patches`` / ``patches_replace``), diffusion-model wrappers, and an
-    attention override. Without those, the UNet reads nothing from ``transformer_options`` that changes its
-    math (it writes bookkeeping there for patches), which is why the graphs leave that argument out.
-    """
-    control = kwargs.get("control", args[4] if len(args) > 4 else None)
-    if control is not None:
-        return "a ControlNet is connected"
-    options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
-    for key in ("patches", "patches_replace"):
-        if any(options.get(key, {}).values()):
-            return f"the model has {key} (attention or block patches)"
-    if any((options.get("wrappers") or {}).get("diffusion_model", {}).values()):
-        return "the model has diffusion-model wrappers"
-    if "optimized_attention_override" in options:
-        return "an attention override is set"
-    return None
-
-
 def set_cuda_graphs(model: torch.nn.Module, enabled: bool) -> None:
     """Make the ComfyUI model's ``diffusion_model`` replay CUDA graphs (one capture per latent shape and batch;
     :mod:`fpq_plugin.integrations.cuda_graphs`), or plain eager calls when ``enabled`` is False. Calls that
-    :func:`graph_check` refuses, lowvram (weights left on the CPU) and CPU runs stay eager."""
+    :func:`~fpq_plugin.integrations.comfyui_graphs.comfyui_unet_check` refuses, lowvram (weights left on the CPU)
+    and CPU runs stay eager."""
     diffusion_model = model.diffusion_model
     if not enabled:
         disable_cuda_graphs(diffusion_model)
         return
     enable_cuda_graphs(
-        diffusion_model, check=graph_check, timestep_arg=("timesteps", 1), ignored_kwargs=("transformer_options",)
+        diffusion_model,
+        check=comfyui_unet_check,
+        timestep_arg=("timesteps", 1),
+        ignored_kwargs=("transformer_options",),
     )
 
 

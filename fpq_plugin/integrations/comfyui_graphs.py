@@ -1,0 +1,35 @@
+"""When ComfyUI's UNet call may replay a CUDA graph: the ``check`` the node pack gives
+:class:`~fpq_plugin.integrations.cuda_graphs.GraphedForward` (no ComfyUI import, so it is tested anywhere).
+
+What ComfyUI 0.8.0 reads from ``transformer_options`` inside ``UNetModel.forward`` (openaimodel.py, attention.py):
+``wrappers`` (diffusion-model wrappers around ``_forward``), ``patches`` (input/output block, attention and
+timestep-embed patches), ``patches_replace`` (attention replacements) and ``optimized_attention_override``. Every
+other entry (``sigmas``, ``sample_sigmas``, ``cond_or_uncond``, ``uuids``, and the ``block`` / ``transformer_index``
+/ ``original_shape`` / ``activations_shape`` bookkeeping the forward writes) is only handed on to those patches.
+"""
+
+from __future__ import annotations
+
+
+def comfyui_unet_check(args: tuple, kwargs: dict) -> str | None:
+    """Why this call of ComfyUI's ``UNetModel.forward(x, timesteps, context, y, control, transformer_options)``
+    must run eagerly, or None.
+
+    A replay repeats the captured kernels, so anything that changes the computation from outside the arguments'
+    tensors has to keep the call eager: a ControlNet (its residuals come per step), attention or block patches
+    (IPAdapter, hypernetworks, FreeU...: ``patches`` / ``patches_replace``), diffusion-model wrappers, and an
+    attention override. Without those, the UNet reads nothing from ``transformer_options`` that changes its
+    math (it writes bookkeeping there for patches), which is why the graphs leave that argument out.
+    """
+    control = kwargs.get("control", args[4] if len(args) > 4 else None)
+    if control is not None:
+        return "a ControlNet is connected"
+    options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
+    for key in ("patches", "patches_replace"):
+        if any(options.get(key, {}).values()):
+            return f"the model has {key} (attention or block patches)"
+    if any((options.get("wrappers") or {}).get("diffusion_model", {}).values()):
+        return "the model has diffusion-model wrappers"
+    if "optimized_attention_override" in options:
+        return "an attention override is set"
+    return None
