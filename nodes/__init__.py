@@ -8,7 +8,9 @@ import fpq_plugin
 from .io_nodes import LoadFPQuantizedUNet, SaveFPQuantizedUNet
 from .quantize_node import FPQuantizeUNet
 
-logging.getLogger("fpq").info("fpq: nodes use fpq_plugin from %s", os.path.dirname(os.path.realpath(fpq_plugin.__file__)))
+logging.getLogger("fpq").info(
+    "fpq: nodes use fpq_plugin from %s", os.path.dirname(os.path.realpath(fpq_plugin.__file__))
+)
 
 NODE_CLASS_MAPPINGS = {
     "FPQuantizeUNet": FPQuantizeUNet,

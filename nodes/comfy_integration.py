@@ -334,11 +334,10 @@ def float_snapshot(patcher: Any, layer_names: Iterable[str]) -> torch.nn.Module:
 
 def wrap_quantized(
     model: torch.nn.Module, recipe: Recipe, like: Any | None, load_device: Any, offload_device: Any,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
 ):  # fmt: skip
     """A new :class:`FPQModelPatcher` around ``model`` (model options, wrappers and callbacks copied from ``like``);
-    ``cuda_graphs``: its diffusion model replays CUDA graphs (see :func:`set_cuda_graphs`; off by default in ComfyUI
-    until it has run in a GPU ComfyUI server)."""
+    ``cuda_graphs``: its diffusion model replays CUDA graphs (see :func:`set_cuda_graphs`)."""
     layer_names = adopt_layers(model.diffusion_model)
     set_cuda_graphs(model, cuda_graphs)
     model.fpq_weight_keys = frozenset(f"{DIFFUSION_PREFIX}{n}.weight" for n in layer_names)
@@ -358,6 +357,14 @@ def wrap_quantized(
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------------
+CUDA_GRAPHS_TOOLTIP = (
+    "Replay the UNet from CUDA graphs on NVIDIA GPUs: the first step of each image size and batch captures (a "
+    "fraction of a second), later steps skip Python's per-layer launch overhead (SD1.5 W8A8 about 2.8x faster per "
+    "step than plain bf16 on an H200). Falls back to normal calls by itself with ControlNet, attention patches, "
+    "model wrappers or lowvram; turn off to rule it out when debugging."
+)
+
+
 def set_cuda_graphs(model: torch.nn.Module, enabled: bool) -> None:
     """Make the ComfyUI model's ``diffusion_model`` replay CUDA graphs (one capture per latent shape and batch;
     :mod:`fpq_plugin.integrations.cuda_graphs`), or plain eager calls when ``enabled`` is False. Calls that
@@ -536,8 +543,9 @@ def _float_state_shapes(path: str, header: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_model(path: str) -> FPQModelPatcher:
-    """Build a ComfyUI MODEL from an fpq checkpoint saved by 'Save FP Quantized UNet' (LDM key layout)."""
+def load_model(path: str, cuda_graphs: bool = True) -> FPQModelPatcher:
+    """Build a ComfyUI MODEL from an fpq checkpoint saved by 'Save FP Quantized UNet' (LDM key layout);
+    ``cuda_graphs`` as in :func:`set_cuda_graphs`."""
     header = read_header(path)
     if header.model is not None:
         raise NodeInputError(
@@ -570,7 +578,7 @@ def load_model(path: str) -> FPQModelPatcher:
     logger.info(
         "fpq: loaded %s (%s, %d quantized layers)", os.path.basename(path), header.recipe.name, len(header.layers)
     )
-    return wrap_quantized(model, header.recipe, None, load_device, offload_device)
+    return wrap_quantized(model, header.recipe, None, load_device, offload_device, cuda_graphs)
 
 
 # ---- progress -------------------------------------------------------------------------------------------------------

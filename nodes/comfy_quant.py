@@ -81,8 +81,8 @@ def comfy_quant_state_dict(
                 tensors[f"{name}.input_scale"] = layer.input_scale.reshape(()).float().clone()
                 counts["input_scales"] += 1
         else:
-            tensors[f"{name}.weight"] = layer.dequantized_weight(torch.float32).reshape(layer.weight_shape).to(
-                float_dtype
+            tensors[f"{name}.weight"] = (
+                layer.dequantized_weight(torch.float32).reshape(layer.weight_shape).to(float_dtype)
             )
             counts["dequantized"] += 1
         if layer.bias is not None:

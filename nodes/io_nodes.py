@@ -9,7 +9,14 @@ from typing import Any
 
 import folder_paths
 
-from .comfy_integration import NodeInputError, comfy_quant_supported, export_comfy_quant, load_model, save_model
+from .comfy_integration import (
+    CUDA_GRAPHS_TOOLTIP,
+    NodeInputError,
+    comfy_quant_supported,
+    export_comfy_quant,
+    load_model,
+    save_model,
+)
 
 logger = logging.getLogger("fpq")
 
@@ -55,7 +62,8 @@ class LoadFPQuantizedUNet:
                     folder_paths.get_filename_list(FOLDER),
                     {"tooltip": f"An fpq file in models/{FOLDER}/."},
                 ),
-            }
+            },
+            "optional": {"cuda_graphs": ("BOOLEAN", {"default": True, "tooltip": CUDA_GRAPHS_TOOLTIP})},
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -64,13 +72,13 @@ class LoadFPQuantizedUNet:
     CATEGORY = "fpq"
     DESCRIPTION = f"Load an FP8 / FP4 UNet saved by 'Save FP Quantized UNet' from models/{FOLDER}/."
 
-    def load(self, unet_name: str) -> tuple[Any]:
+    def load(self, unet_name: str, cuda_graphs: bool = True) -> tuple[Any]:
         path = folder_paths.get_full_path(FOLDER, unet_name)
         if path is None:
             raise NodeInputError(
                 f"{unet_name!r} is not in models/{FOLDER}/ (folders: {folder_paths.get_folder_paths(FOLDER)})"
             )
-        return (load_model(path),)
+        return (load_model(path, cuda_graphs),)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")

@@ -15,8 +15,8 @@ replays run one at a time on one stream and outputs are copied out before the ne
 
 A call runs eagerly instead, with a one-time log line saying why, whenever a replay could be wrong:
 autograd on, training mode, ``torch.compile`` tracing, an argument that is not a tensor or a plain value (a
-callable, an object), inputs not on a CUDA device, weights not all on the input's device (CPU offload), or a
-``check`` hook of the front door refusing (ComfyUI: patches or ControlNet present). The weights a graph reads are
+callable, an object), inputs not on a CUDA device, weights not all on the input's device (CPU offload), PyTorch's
+cudaMallocAsync allocator (ComfyUI's default; Triton kernels cannot be captured under it), or a ``check`` hook of the front door refusing (ComfyUI: patches or ControlNet present). The weights a graph reads are
 checked by address and in-place version on every call: a weight replaced or written (LoRA patching, a device
 move, reloading) drops every graph, so no graph reads freed memory or stale derived state. A capture that fails
 (a forward that synchronises, for example) leaves that signature eager for good, and a module whose signatures
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,17 @@ _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _SMALL_HOST_TENSOR = 64  # CPU tensors up to this many elements (timesteps) are copied into device buffers
 
 Check = Callable[[tuple, dict], "str | None"]
+
+ASYNC_ALLOCATOR_REASON = (
+    "PyTorch's cudaMallocAsync allocator is on (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, which ComfyUI sets "
+    "by default), and Triton kernels cannot be captured with it; running eagerly. To replay graphs, start ComfyUI "
+    "with --disable-cuda-malloc (or drop that setting)"
+)
+
+
+def async_allocator_active() -> bool:
+    """True when PyTorch's CUDA allocator is the cudaMallocAsync backend (graphs of fpq's Triton kernels fail)."""
+    return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
 @dataclass
@@ -140,9 +152,15 @@ class GraphedForward:
         import copy
 
         module = copy.deepcopy(self.module, memo)
-        return GraphedForward(module, copy.deepcopy(self.forward, memo), max_graphs=self.max_graphs,
-                              warmup=self.warmup, check=self.check, timestep_arg=self.timestep_arg,
-                              ignored_kwargs=self.ignored_kwargs)
+        return GraphedForward(
+            module,
+            copy.deepcopy(self.forward, memo),
+            max_graphs=self.max_graphs,
+            warmup=self.warmup,
+            check=self.check,
+            timestep_arg=self.timestep_arg,
+            ignored_kwargs=self.ignored_kwargs,
+        )
 
     # -- deciding -------------------------------------------------------------------------------------------------
 
@@ -158,14 +176,13 @@ class GraphedForward:
             t = args[pos]
             if isinstance(t, (int, float)) and not isinstance(t, bool):
                 t = torch.tensor(t, dtype=torch.int64 if isinstance(t, int) else torch.float64)
-                args = (*args[:pos], t, *args[pos + 1:])
+                args = (*args[:pos], t, *args[pos + 1 :])
         return args, kwargs
 
     def _plan(self, args: tuple, kwargs: dict, all_kwargs: dict) -> tuple[str | None, Any, list, Any]:
         """(reason to run eagerly or None, signature, argument leaves, their structure) of ``args, kwargs`` (the
         signed arguments); ``check`` sees every argument."""
-        if torch.compiler.is_compiling() or not torch.cuda.is_available() or \
-                torch.cuda.is_current_stream_capturing():
+        if torch.compiler.is_compiling() or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return "", None, [], None
         if self.disabled is not None:
             return "", None, [], None
@@ -173,6 +190,13 @@ class GraphedForward:
         device = next((x.device for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda), None)
         if device is None:
             return "", None, [], None  # a CPU call: nothing to replay
+        if async_allocator_active():
+            # Triton's launcher checks every pointer with the driver, and memory that cudaMallocAsync hands out
+            # inside a capture is not mapped until the graph runs: the capture fails, and PyTorch aborts the
+            # process when that capture's allocations are freed (seen in ComfyUI on an H200). Never try.
+            self.disabled = ASYNC_ALLOCATOR_REASON
+            logger.warning("fpq: CUDA graphs off: %s", self.disabled)
+            return "", None, [], None
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             return "autograd is on (call under torch.no_grad() or torch.inference_mode())", None, [], None
         if self.module.training:
@@ -200,8 +224,9 @@ class GraphedForward:
             return f"weights are not all on {device} (offloaded?)", None, [], None
         if weights != self._weights:
             if self._graphs:
-                logger.info("fpq: the UNet's weights moved or were replaced; dropping %d CUDA graph(s)",
-                            len(self._graphs))
+                logger.info(
+                    "fpq: the UNet's weights moved or were replaced; dropping %d CUDA graph(s)", len(self._graphs)
+                )
             self.release()
             self._weights = weights
         # inference mode is part of the key: buffers captured under it cannot be written outside it
@@ -254,11 +279,14 @@ class GraphedForward:
             self._graphs.popitem(last=False)
             self.stats["evicted"] += 1
             if self.stats["evicted"] > 4 * self.max_graphs:
-                self.disabled = (f"the call signature changed {self.stats['evicted']} times (shapes or arguments "
-                                 "differ from call to call)")
+                self.disabled = (
+                    f"the call signature changed {self.stats['evicted']} times (shapes or arguments "
+                    "differ from call to call)"
+                )
                 logger.warning("fpq: CUDA graphs off for this model: %s; running eagerly", self.disabled)
                 self.release()
                 return None
+        start = time.perf_counter()
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -269,13 +297,18 @@ class GraphedForward:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: a server (ComfyUI) runs the sampler in a worker thread while its web thread may ask
+            # the device for memory stats; those calls are not part of this capture and must not abort it.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any capture failure means: this signature runs eagerly
             self._failed.add(key)
             self.stats["failed"] += 1
-            logger.warning("fpq: CUDA graph capture failed (%s: %s); this input shape runs eagerly",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.warning(
+                "fpq: CUDA graph capture failed (%s: %s); this input shape runs eagerly",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             return None
         outputs, out_spec = pytree.tree_flatten(out)
         if not all(isinstance(o, (torch.Tensor, *_PLAIN)) for o in outputs):
@@ -285,6 +318,13 @@ class GraphedForward:
         entry = _Graph(graph, inputs, outputs, out_spec)
         self._graphs[key] = entry
         self.stats["capture"] += 1
+        shapes = [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)]
+        logger.info(
+            "fpq: CUDA graphs: captured the forward for inputs %s in %.2f s (%d kept)",
+            shapes[:2],
+            time.perf_counter() - start,
+            len(self._graphs),
+        )
         return entry
 
     @staticmethod

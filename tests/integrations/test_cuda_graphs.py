@@ -105,15 +105,19 @@ def fpq_unet():
 
 @needs_cuda
 @pytest.mark.gpu
-def test_replays_equal_the_eager_forward_bit_for_bit(fpq_unet) -> None:
+def test_replays_equal_the_eager_forward_bit_for_bit(fpq_unet, caplog) -> None:
     unet = fpq_unet
     disable_cuda_graphs(unet)
     with torch.no_grad():
         runs = [example_unet_inputs(unet, batch=2, seed=s) for s in range(4)]
         want = [_call(unet, r) for r in runs]
         graphed = enable_cuda_graphs(unet)
-        got = [_call(unet, r) for r in runs]
+        with caplog.at_level(logging.INFO, logger="fpq_plugin.integrations.cuda_graphs"):
+            got = [_call(unet, r) for r in runs]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # one capture, logged once with the batch's latent shape (ComfyUI's server test looks for this line)
+    captures = [r.getMessage() for r in caplog.records if "captured the forward" in r.getMessage()]
+    assert len(captures) == 1 and "(2, 4," in captures[0], captures
     assert graphed.stats["capture"] == 1 and graphed.stats["replay"] == 4 and graphed.stats["eager"] == 0
     # the outputs are copies: a later replay did not overwrite an earlier result
     assert len({g.data_ptr() for g in got}) == 4
@@ -200,16 +204,66 @@ def test_fpquant_pipeline_replays_graphs_and_makes_the_same_images(tmp_path) -> 
 
     folder = save_tiny_pipeline(tmp_path / "tiny-sd15", "sd15", seed=0)
     quick = MethodConfig("quick-test", rounding_iters=20, search_rows=256, weight_shrink_factors=(1.0, 0.8))
-    pipe = FPQuantPipeline.from_pretrained(folder, "w8a8", method=quick, num_prompts=2, num_inference_steps=4,
-                                           keep_steps=2, cache_dir=tmp_path / "cache", device="cuda")
+    pipe = FPQuantPipeline.from_pretrained(
+        folder,
+        "w8a8",
+        method=quick,
+        num_prompts=2,
+        num_inference_steps=4,
+        keep_steps=2,
+        cache_dir=tmp_path / "cache",
+        device="cuda",
+    )
     graphed = graphed_forward(pipe.unet)
     assert pipe.fpq_info["cuda_graphs"] is True and graphed is not None
 
     def images():
-        return pipe(["a blue circle"], num_inference_steps=5, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images
+        return pipe(
+            ["a blue circle"], num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
 
     with_graphs = images()
     assert graphed.stats["capture"] == 1 and graphed.stats["replay"] == 5
     disable_cuda_graphs(pipe.unet)
     assert (images() == with_graphs).all()
+
+
+_ASYNC_ALLOCATOR_SCRIPT = """
+import logging, sys, torch
+sys.path.insert(0, sys.argv[1])
+from fpq_plugin.integrations.cuda_graphs import enable_cuda_graphs
+from fpq_plugin.models.unet_configs import example_unet_inputs
+from integrations.test_cuda_graphs import _call, _unet
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+assert torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+unet = _unet("tiny", device="cuda", dtype=torch.bfloat16, recipe="w8a8")
+inputs = example_unet_inputs(unet, batch=2, seed=0)
+with torch.no_grad():
+    want = unet(**inputs, return_dict=False)[0]
+    graphed = enable_cuda_graphs(unet)
+    got = [_call(unet, inputs) for _ in range(3)]
+assert all(torch.equal(g, want) for g in got)
+print("STATS", dict(graphed.stats))
+"""
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_the_async_allocator_keeps_calls_eager_instead_of_crashing(tmp_path) -> None:
+    """Under cudaMallocAsync (ComfyUI's default) a capture of fpq's Triton kernels fails and PyTorch then aborts the
+    process when it frees the capture's memory; the wrapper must never try, and say why once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _ASYNC_ALLOCATOR_SCRIPT, str(tests)], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "STATS {'eager': 3}" in out, out[-2000:]
+    assert out.count("CUDA graphs off: PyTorch's cudaMallocAsync allocator is on") == 1, out[-2000:]

@@ -133,6 +133,11 @@ class Comfy:
         _, stats = self.request("/system_stats")
         return any(d.get("type") == "cuda" for d in (stats or {}).get("devices", []))
 
+    def async_allocator(self) -> bool:
+        """True when the server's PyTorch uses the cudaMallocAsync allocator (ComfyUI's default on CUDA; off with
+        ``--disable-cuda-malloc``), from the device line ComfyUI logs at start."""
+        return bool(re.search(r"^Device: cuda.*: cudaMallocAsync", self.log.read_text(), re.M))
+
     def float_bytes_per_weight(self) -> int:
         """Bytes per weight of the float UNet as ComfyUI loaded it: fp32 on the CPU, fp16 or bf16 on most GPUs (or
         with ``--fp16-unet``). Size bounds are stated per fp32 weight and scaled by this."""
@@ -219,8 +224,9 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
 
 # ---- graphs ---------------------------------------------------------------------------------------------------------
 def t2i_graph(seed: int = 1, *, quantize: dict | None = None, lora: bool = False, lora_before: bool = False,
-              unet_dtype: str = "default", load: str | None = None, prefix: str = "t2i") -> dict:  # fmt: skip
-    """UNETLoader/CLIPLoader/VAELoader -> [LoRA] -> [FP Quantize UNet] -> [LoRA] -> KSampler (64x64, 4 steps) ->
+              unet_dtype: str = "default", load: str | None = None, prefix: str = "t2i", steps: int = 4,
+              ) -> dict:  # fmt: skip
+    """UNETLoader/CLIPLoader/VAELoader -> [LoRA] -> [FP Quantize UNet] -> [LoRA] -> KSampler (64x64, ``steps``) ->
     SaveImage "9".
 
     ``lora``: the test LoRA after the quantize node (or on the plain model); ``lora_before``: before it.
@@ -253,7 +259,7 @@ def t2i_graph(seed: int = 1, *, quantize: dict | None = None, lora: bool = False
         model = ["11", 0]
     graph["7"] = {
         "class_type": "KSampler",
-        "inputs": {"model": model, "seed": seed, "steps": 4, "cfg": 7.0, "sampler_name": "euler",
+        "inputs": {"model": model, "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
                    "scheduler": "normal", "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
                    "denoise": 1.0},
     }  # fmt: skip
@@ -402,6 +408,37 @@ def test_save_then_load_gives_the_same_image(comfy: Comfy) -> None:
     )
     assert size_mib < 0.6 * float_mib
     assert np.array_equal(quant, loaded), "the loaded model should generate the quantized model's image exactly"
+
+
+def test_cuda_graph_replay_gives_the_eager_image(comfy: Comfy) -> None:
+    """The node's ``cuda_graphs`` input (on by default): on a GPU the sampler's UNet calls replay a captured graph and
+    the image is bit-identical to plain calls; on the CPU nothing is captured."""
+    start = len(comfy.log.read_text())
+
+    def captures() -> int:
+        return comfy.log.read_text()[start:].count("fpq: CUDA graphs: captured the forward")
+
+    before = captures()
+    eager, t_eager = comfy.image(t2i_graph(quantize={"cuda_graphs": False}, steps=12, prefix="w8a8_eager"))
+    assert captures() == before, "cuda_graphs=False must not capture"
+    graphed, t_graphed = comfy.image(t2i_graph(quantize={"cuda_graphs": True}, steps=12, prefix="w8a8_graphed"))
+    captured = captures() - before
+    # Same node inputs, another seed: ComfyUI reuses the node's model, whose graphs replay without a new capture.
+    _, t_again = comfy.image(t2i_graph(seed=3, quantize={"cuda_graphs": True}, steps=12, prefix="w8a8_graphed_3"))
+    print(f"\n12 steps: eager {t_eager:.2f} s, graphed {t_graphed:.2f} s (with {captured} capture(s)), graphed again "
+          f"{t_again:.2f} s")  # fmt: skip
+    assert np.array_equal(eager, graphed), "a CUDA-graph replay must give the eager image exactly"
+    log = comfy.log.read_text()[start:]
+    if comfy.on_cuda() and comfy.async_allocator():
+        # ComfyUI's default allocator on CUDA: Triton kernels cannot be captured under it, so fpq stays eager
+        assert captured == 0 and "CUDA graphs off: PyTorch's cudaMallocAsync allocator is on" in log, log[-3000:]
+    elif comfy.on_cuda():  # started with --disable-cuda-malloc
+        # KSampler batches cond and uncond: one latent shape, so one capture (at most one per signature seen)
+        assert 1 <= captured <= 3, captured
+        assert captures() - before == captured, "the second image should replay the graphs it captured"
+        assert "dropping" not in log and "CUDA graph capture failed" not in log, log[-3000:]
+    else:
+        assert captured == 0
 
 
 def test_bad_inputs_are_node_errors(comfy: Comfy) -> None:
