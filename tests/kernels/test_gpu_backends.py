@@ -176,6 +176,47 @@ def test_interp_decode_kernel(w, per_channel):
 
 
 @interp
+@pytest.mark.parametrize("w", ["e4m3fn", "e2m1", "int4"])
+def test_interp_decode_kernel_writes_a_channels_last_conv_weight(w):
+    lyr = make_layer("conv", w, "e4m3fn", n=37, c=29, k=3)
+    st = kb._State(lyr)
+    args = (lyr.weight_codes, st.k, st.table, st.ws, st.zp, st.xs)
+    got = qops.decode_weight(*args, bits4=st.bits4, dtype=torch.float32, taps=9)
+    want = qops.decode_weight_reference(*args, bits4=st.bits4, dtype=torch.float32)
+    # row n of the reference is (C, 3, 3); channels-last memory of the same weight is (3, 3, C)
+    assert torch.equal(got, want.view(37, 29, 9).transpose(1, 2).reshape(37, -1))
+    with pytest.raises(ValueError, match="taps=4 must divide"):
+        qops.decode_weight(*args, bits4=st.bits4, dtype=torch.float32, taps=4)
+
+
+@interp
+def test_interp_activation_cast_to_channels_last():
+    x = torch.randn(2, 70, 9, 11) * 3  # C and H*W not multiples of the 64x64 tiles
+    xs = torch.tensor(0.01)
+    got = qops.fake_quantize_grid_channels_last(x, xs)
+    assert got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
+    want = qops.fake_quantize_grid_reference(x, xs)
+    bad = got != want  # the interpreter's carry defect (see test_interp_activation_cast), nothing else
+    assert torch.equal(got[bad], want[bad] / 2) and float(bad.float().mean()) < 0.05
+    with pytest.raises(ValueError, match="contiguous NCHW"):
+        qops.fake_quantize_grid_channels_last(x.contiguous(memory_format=torch.channels_last), xs)
+
+
+@interp
+@pytest.mark.parametrize("w,a", [("e4m3fn", "e4m3fn"), ("e2m1", "e4m3fn"), ("e1m2", None)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_interp_channels_last_conv_path_equals_the_nchw_one(w, a, stride, monkeypatch):
+    """bf16 3x3 convs decode and cast into channels-last memory; same numbers as the NCHW path, NCHW output."""
+    lyr = make_layer("conv", w, a, k=3, stride=stride)
+    x = x_for(lyr, (2,), torch.bfloat16, "cpu")
+    got = kb.DecodeBackend().conv2d(lyr, x)
+    monkeypatch.setattr(kb, "CONV_CHANNELS_LAST", False)
+    want = kb.DecodeBackend().conv2d(lyr, x)
+    assert got.is_contiguous() and got.shape == want.shape
+    assert rel_max(got, want) < 1e-2  # the same bf16 operands; only the conv's summation order may differ
+
+
+@interp
 def test_interp_activation_cast():
     x = torch.randn(7, 333) * 3
     xs = torch.tensor(0.01)
@@ -234,10 +275,18 @@ def test_gpu_decode_kernel_bit_exact(w, dtype, per_channel):
     st = kb._State(lyr)
     args = (lyr.weight_codes, st.k, st.table, st.ws, st.zp, st.xs)
     got = qops.decode_weight(*args, bits4=st.bits4, dtype=dtype)
-    assert torch.equal(got, qops.decode_weight_reference(*args, bits4=st.bits4, dtype=dtype))
+    want = qops.decode_weight_reference(*args, bits4=st.bits4, dtype=dtype)
+    assert torch.equal(got, want)
     if st.lut8 is not None:
         raw = qops.decode_weight(lyr.weight_codes, st.k, st.lut8, bits4=True, dtype=torch.uint8)
         assert torch.equal(raw.view(torch.float8_e4m3fn).float(), lyr.weight_grid_values())
+    # a 3x3 conv weight written channels-last: row n in (3, 3, C) order
+    conv = make_layer("conv", w, "e4m3fn", n=133, c=143, k=3, device="cuda", per_channel=per_channel)
+    sc = kb._State(conv)
+    cargs = (conv.weight_codes, sc.k, sc.table, sc.ws, sc.zp, sc.xs)
+    got = qops.decode_weight(*cargs, bits4=sc.bits4, dtype=dtype, taps=9)
+    want = qops.decode_weight_reference(*cargs, bits4=sc.bits4, dtype=dtype).view(133, 143, 9).transpose(1, 2)
+    assert torch.equal(got, want.reshape(133, -1))
 
 
 @gpu
@@ -256,6 +305,10 @@ def test_gpu_activation_casts_bit_exact(act, dtype):
     gc_ = qops.fake_quantize_grid(xc, xs, act)
     assert gc_.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(gc_, qops.fake_quantize_grid_reference(xc, xs, act))
+    xn = x.reshape(37, 7, 11, 13)  # NCHW in, channels-last out (the decode path's 3x3 convs)
+    gcl = qops.fake_quantize_grid_channels_last(xn, xs, act)
+    assert gcl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gcl, qops.fake_quantize_grid_reference(xn, xs, act))
 
 
 LINEAR_CASES = [("e4m3fn", "e4m3fn"), ("e2m1", "e4m3fn"), ("e3m0", "e4m3fn"), ("e1m2", "e4m3fn"),
