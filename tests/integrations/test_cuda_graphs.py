@@ -86,6 +86,26 @@ def test_a_deep_copy_gets_its_own_empty_wrapper() -> None:
     assert graphed_forward(twin).module is twin and graphed_forward(twin).max_graphs == 2
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["plain", "inference-mode tensors"])
+def test_the_weight_check_sees_replaced_rewritten_and_moved_weights(inference) -> None:
+    """The per-call check behind "a weight change drops the graphs", on the CPU: a replaced Parameter and a device
+    mismatch always show; an in-place write shows through the version counter, which inference tensors (ComfyUI
+    builds its models under inference mode) do not have."""
+    with torch.inference_mode(inference):
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False))
+    graphed = GraphedForward(net, net.forward)
+    cpu = torch.device("cpu")
+    first = graphed._weight_addresses(cpu)
+    assert first is not None and graphed._weight_addresses(cpu) == first
+    assert graphed._weight_addresses(torch.device("meta")) is None  # same tensors, another device: not cached
+    net[0].weight = torch.nn.Parameter(torch.zeros(4, 4))
+    replaced = graphed._weight_addresses(cpu)
+    assert replaced != first
+    with torch.no_grad():
+        net[0].weight.add_(1)
+    assert graphed._weight_addresses(cpu) != replaced
+
+
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="max_graphs"):
         GraphedForward(torch.nn.Linear(1, 1), print, max_graphs=0)
