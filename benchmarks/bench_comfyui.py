@@ -32,27 +32,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The real SD1.5 UNet in ComfyUI's (LDM) config keys: 4 levels of 2 res blocks, attention on the first three.
-SD15_UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "context_dim": 768,
-    "use_linear_in_transformer": False,
+# The real SD1.5 UNet, as changes to the server tests' small SD1.5-family config (ComfyUI's LDM keys): 4 levels of
+# 2 res blocks, attention on the first three.
+SD15_OVERRIDES = {
     "num_res_blocks": [2, 2, 2, 2],
     "channel_mult": [1, 2, 4, 4],
     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
-    "num_heads": 8,
-    "num_head_channels": -1,
 }
 
 
@@ -94,7 +80,7 @@ def _write_models(folder: Path, unet: str) -> tuple[Path, Path]:
     from make_comfy_test_models import UNET_CONFIG, init_weights, make_clip, save
 
     torch.manual_seed(0)
-    config = SD15_UNET_CONFIG if unet == "sd15" else UNET_CONFIG
+    config = {**UNET_CONFIG, **SD15_OVERRIDES} if unet == "sd15" else UNET_CONFIG
     model = UNetModel(**config, device="cpu", operations=comfy.ops.disable_weight_init)
     init_weights(model)
     unet_path = folder / "diffusion_models" / f"{unet}_random_unet.safetensors"
