@@ -16,7 +16,8 @@ replays run one at a time on one stream and outputs are copied out before the ne
 A call runs eagerly instead, with a one-time log line saying why, whenever a replay could be wrong:
 autograd on, training mode, ``torch.compile`` tracing, an argument that is not a tensor or a plain value (a
 callable, an object), inputs not on a CUDA device, weights not all on the input's device (CPU offload), PyTorch's
-cudaMallocAsync allocator (ComfyUI's default; Triton kernels cannot be captured under it), or a ``check`` hook of the front door refusing (ComfyUI: patches or ControlNet present). The weights a graph reads are
+cudaMallocAsync allocator (ComfyUI's default; Triton kernels cannot be captured under it), or a ``check`` hook of
+the front door refusing (ComfyUI: patches or ControlNet present). The weights a graph reads are
 checked by address and in-place version on every call: a weight replaced or written (LoRA patching, a device
 move, reloading) drops every graph, so no graph reads freed memory or stale derived state. A capture that fails
 (a forward that synchronises, for example) leaves that signature eager for good, and a module whose signatures
@@ -25,6 +26,7 @@ keep changing (more than ``4 * max_graphs`` evictions) goes eager with a warning
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -51,6 +53,7 @@ ASYNC_ALLOCATOR_REASON = (
 )
 
 
+@functools.cache  # asked once a CUDA tensor exists, when the allocator backend is fixed for the process
 def async_allocator_active() -> bool:
     """True when PyTorch's CUDA allocator is the cudaMallocAsync backend (graphs of fpq's Triton kernels fail)."""
     return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"

@@ -146,7 +146,7 @@ class _State:
         self.cublas_bad: set[int] = set()  # M values _scaled_mm refused
         # Cached direct kernel launches (qops.Launch), made by the first call of each kind: the eager UNet is
         # launch-bound on slow hosts, so a repeat call should cost a few C calls, not Triton's binder.
-        self.q_launch: dict[tuple, object] = {}  # (numel, grid_out) -> activation-cast launch
+        self.q_launch: dict[tuple, object] = {}  # (numel, grid_out, dtype) or ("cl", ...) -> activation-cast launch
         self.dec_launch: dict[tuple, tuple] = {}  # (out dtype, taps) -> (launch, args before out, args after out)
         self.dev = dev.index if dev.type == "cuda" else None
 
@@ -348,6 +348,19 @@ def _decode(layer, st: _State, dtype: torch.dtype, fold: bool, taps: int = 1) ->
     return out
 
 
+def _channels_last_conv(layer, st: _State, x: torch.Tensor) -> torch.Tensor:
+    """The decode path's conv of a contiguous NCHW bf16/fp16 ``x`` with a KH*KW > 1 kernel, NCHW out.
+
+    cuDNN's bf16/fp16 kernels are NHWC: handed NCHW input and weight it transposes both per call. Here the decode
+    and the activation cast write channels-last themselves; the output goes back to NCHW (the caller's layout), the
+    one transpose a float NCHW conv also pays."""
+    o, c, kh, kw = layer.weight_shape
+    w = _decode(layer, st, x.dtype, st.act_dtype is not None, kh * kw).view(o, kh, kw, c).permute(0, 3, 1, 2)
+    xq = _cast_channels_last(x, st) if st.act_dtype is not None else x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(xq, w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation, layer.groups)
+    return y.contiguous()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # decode backend
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,17 +404,10 @@ class DecodeBackend:
         if _compiling():
             return _decode_conv_torch(layer, x)
         st = _state(layer)
-        o, c, kh, kw = layer.weight_shape
+        _, c, kh, kw = layer.weight_shape
         if CONV_CHANNELS_LAST and kh * kw > 1 and layer.groups == 1 and x.dim() == 4 and c > 1 and \
                 x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
-            # cuDNN's bf16/fp16 kernels are NHWC: handed NCHW input and weight it transposes both per call. The
-            # decode and the activation cast write channels-last themselves; the output goes back to NCHW (the
-            # caller's layout), the one transpose a float NCHW conv also pays.
-            w = _decode(layer, st, x.dtype, st.act_dtype is not None, kh * kw).view(o, kh, kw, c).permute(0, 3, 1, 2)
-            xq = x.contiguous(memory_format=torch.channels_last) if st.act_dtype is None else \
-                _cast_channels_last(x, st)
-            y = F.conv2d(xq, w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation, layer.groups)
-            return y.contiguous()
+            return _channels_last_conv(layer, st, x)
         w = self._weight(layer, st, x.dtype).view(layer.weight_shape)
         return F.conv2d(self._input(layer, st, x), w, st.bias_as(x.dtype), layer.stride, layer.padding,
                         layer.dilation, layer.groups)
