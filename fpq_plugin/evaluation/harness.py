@@ -245,19 +245,26 @@ def _judge(classifier, images: torch.Tensor, device: torch.device) -> tuple[dict
 
 def _score(name, label, images, fp_images, fp_feats, data_feats, classifier, scenes, device) -> dict[str, Any]:
     preds, feats = _judge(classifier, images, device)
+    psnr_each = psnr(fp_images, images).clamp(max=99.0)
+    ssim_each = ssim(fp_images, images)
     row: dict[str, Any] = {
         "variant": name,
         "label": label,
-        "psnr_db": float(psnr(fp_images, images).clamp(max=99.0).mean()),
-        "ssim": float(ssim(fp_images, images).mean()),
+        "psnr_db": float(psnr_each.mean()),
+        "ssim": float(ssim_each.mean()),
         "fid_vs_fp": gaussian_fid(fp_feats, feats),
         "fid_vs_data": gaussian_fid(data_feats, feats),
     }
+    # per image (the same seed and prompt in every row), for paired comparisons between rows (report.PAIRED)
+    per_image = {"psnr_db": [round(float(v), 4) for v in psnr_each], "ssim": [round(float(v), 5) for v in ssim_each]}
     if scenes is not None:
         labels = scene_labels(scenes)
-        per_attr = {k: float((preds[k] == labels[k]).float().mean()) for k in ATTRIBUTES}
+        correct = {k: (preds[k] == labels[k]).float() for k in ATTRIBUTES}
+        per_attr = {k: float(v.mean()) for k, v in correct.items()}
         row["prompt_accuracy"] = sum(per_attr.values()) / len(per_attr)
         row["prompt_accuracy_per_attribute"] = per_attr
+        per_image["prompt_accuracy"] = [round(float(v), 4) for v in torch.stack(list(correct.values())).mean(0)]
+    row["per_image"] = per_image
     return row
 
 

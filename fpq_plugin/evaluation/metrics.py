@@ -9,11 +9,12 @@ what its prompt names.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["frechet_distance", "gaussian_fid", "psnr", "ssim"]
+__all__ = ["frechet_distance", "gaussian_fid", "paired_bootstrap", "psnr", "ssim"]
 
 
 def psnr(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -76,3 +77,20 @@ def gaussian_fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """
     a, b = features_a.double(), features_b.double()
     return frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Mean of ``a[i] - b[i]`` over paired samples (the same seed and prompt) and its 95% percentile bootstrap
+    interval: whether two variants scored on the same images differ by more than the choice of images explains.
+
+    Raises:
+        ValueError: the two lists differ in length or are empty.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired samples need two equally long, non-empty lists (got {len(a)} and {len(b)})")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(diff), (n_boot, len(diff)), generator=gen)
+    means = diff[idx].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"mean": float(diff.mean()), "lo": lo, "hi": hi}

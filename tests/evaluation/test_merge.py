@@ -62,3 +62,20 @@ def test_missing_or_corrupt_folders_are_typed_errors(tmp_path) -> None:
     (tmp_path / "ok" / IMAGES_FILE).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="images.safetensors: unreadable"):
         load_result(tmp_path / "ok")
+
+
+def test_report_has_paired_differences_for_the_issue_claims(tmp_path) -> None:
+    """Rows scored per image get the paired comparisons of report.PAIRED whose two rows are present."""
+    from fpq_plugin.evaluation.report import paired_differences
+
+    result = _result(["fp32", "int4-w4a8-adaround", "fp4-w4a8-learned"])
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(16, generator=g) * 5 + 28
+    for row, offset in zip(result.rows[1:], (0.0, 0.5)):
+        row["per_image"] = {"psnr_db": (base + offset).tolist(), "ssim": [0.9] * 16}
+    paired = paired_differences(result.rows)
+    assert [(p["a"], p["b"]) for p in paired] == [("fp4-w4a8-learned", "int4-w4a8-adaround")]
+    assert abs(paired[0]["psnr_db"]["mean"] - 0.5) < 1e-9 and "prompt_accuracy" not in paired[0]
+    report = write_report(result, tmp_path / "rep").read_text()
+    assert "| fp4-w4a8-learned | int4-w4a8-adaround | +0.50 [+0.50, +0.50] | +0.0000 [+0.0000, +0.0000] |" in report
+    assert json.loads((tmp_path / "rep" / "results.json").read_text())["paired"] == paired

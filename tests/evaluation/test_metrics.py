@@ -56,3 +56,23 @@ def test_gaussian_fid_grows_with_shift() -> None:
     b = torch.randn(500, 8)
     near, far = gaussian_fid(a, b), gaussian_fid(a, b + 1.0)
     assert near < 0.5 and far > 7.0
+
+
+def test_paired_bootstrap_interval() -> None:
+    from fpq_plugin.evaluation.metrics import paired_bootstrap
+
+    same = paired_bootstrap([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    shifted = paired_bootstrap([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
+    assert shifted == {"mean": 1.0, "lo": 1.0, "hi": 1.0}  # a constant offset: no spread at all
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, generator=g)
+    noisy = paired_bootstrap((a + 0.1).tolist(), a.tolist())  # a tiny real difference, no noise between pairs
+    assert abs(noisy["mean"] - 0.1) < 1e-6 and abs(noisy["hi"] - noisy["lo"]) < 1e-6  # float32 inputs
+    b = torch.randn(200, generator=g)
+    unpaired = paired_bootstrap(a.tolist(), b.tolist())  # independent: the interval must cover 0 and be wide
+    assert unpaired["lo"] < 0 < unpaired["hi"] and unpaired["hi"] - unpaired["lo"] > 0.2
+    import pytest
+
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1.0], [1.0, 2.0])
