@@ -184,9 +184,9 @@ def _decode_taps_last_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, C, TAP
 
 
 def _quant_to_cl_kernel(x_ptr, q_ptr, xs_ptr, C, HW,
-                        CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr, GRID_OUT: tl.constexpr,
+                        CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """q = fp8(x / xs) of an NCHW tensor, written channels-last: one (BLOCK_C, BLOCK_HW) tile of image
+    """Grid values (in q's float dtype) of fp8(x / xs) of an NCHW tensor, written channels-last: one (BLOCK_C, BLOCK_HW) tile of image
     program_id(2), read along HW and stored along C (Triton moves the tile through shared memory between the two
     coalesced layouts)."""
     rhw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -196,11 +196,7 @@ def _quant_to_cl_kernel(x_ptr, q_ptr, xs_ptr, C, HW,
     inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
     x = tl.load(x_ptr + base + rc[:, None] * HW + rhw[None, :], mask=mask, other=0.0)
     q = _cast_fp8(x, inv, CLAMP, FMAX, ACT_E5M2)
-    out = q_ptr + base + rhw[None, :] * C + rc[:, None]
-    if GRID_OUT:
-        tl.store(out, q.to(tl.float32).to(q_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out, q, mask=mask)
+    tl.store(q_ptr + base + rhw[None, :] * C + rc[:, None], q.to(tl.float32).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -343,7 +339,7 @@ def fake_quantize_grid_channels_last(x: torch.Tensor, x_scale: torch.Tensor, act
     if x.numel():
         grid = (triton.cdiv(h * w, _CL_BLOCK_HW), triton.cdiv(c, _CL_BLOCK_C), b)
         consts = dict(CLAMP=_interpreting(), FMAX=_FMAX[act_dtype], ACT_E5M2=act_dtype == torch.float8_e5m2,
-                      GRID_OUT=True, BLOCK_C=_CL_BLOCK_C, BLOCK_HW=_CL_BLOCK_HW)
+                      BLOCK_C=_CL_BLOCK_C, BLOCK_HW=_CL_BLOCK_HW)
         ck = _fast_launch(_quant_to_cl_kernel, grid, (x, q, x_scale, c, h * w), consts, 4)
         if launch_out is not None and ck is not None:
             launch_out.append(Launch(ck, grid, consts))
