@@ -331,11 +331,11 @@ def breakdown(v, inp):
             sum(e.device_time_total for e in evs if e.device_type == cpu and e.name == f"bench::{kind}") / 1e3, 3)
     out["other_ms"] = round(total - out["linear_ms"] - out["conv_ms"] - out["attention_ms"], 3)
     by_name: dict[str, list] = {}
-    for k in kern:
-        r = by_name.setdefault(k.name[:90], [0.0, 0])
-        r[0] += k.duration / 1e3
+    for name, us in [(k.name, k.duration) for k in kern] + [(e.name, e.time_range.elapsed_us()) for e in orphans]:
+        r = by_name.setdefault(name[:90], [0.0, 0])
+        r[0] += us / 1e3
         r[1] += 1
-    out["top_kernels"] = [[n, round(t, 3), c] for n, (t, c) in sorted(by_name.items(), key=lambda i: -i[1][0])[:14]]
+    out["top_kernels"] = [[n, round(t, 3), c] for n, (t, c) in sorted(by_name.items(), key=lambda i: -i[1][0])[:20]]
     return out
 
 

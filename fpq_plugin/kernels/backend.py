@@ -294,20 +294,45 @@ def _ops():
     return _qops
 
 
-def _cast_channels_last(x: torch.Tensor, st: _State) -> torch.Tensor:
-    """Grid values of fp8(x / x_scale) for a contiguous NCHW ``x``, in channels-last memory."""
+def _channels_last(x: torch.Tensor, st: _State) -> torch.Tensor:
+    """A contiguous NCHW ``x`` in channels-last memory: fp8(x / x_scale) grid values for an FP8-activation layer,
+    else the values as they are."""
     b, c, h, w = x.shape
-    key = ("cl", b, c, h * w, x.dtype)
+    quant = st.act_dtype is not None
+    key = ("to_cl", b, c, h * w, x.dtype)
     launch = st.q_launch.get(key)
     if launch is not None and x.data_ptr() % 16 == 0:
         q = torch.empty_like(x, memory_format=torch.channels_last)
-        launch(st.dev, x, q, st.xs, c, h * w)
+        launch(st.dev, x, q, st.xs if quant else x, c, h * w)
         return q
     out: list = []
-    q = _ops().fake_quantize_grid_channels_last(x, st.xs, st.act_dtype, launch_out=out)
+    if quant:
+        q = _ops().fake_quantize_grid_channels_last(x, st.xs, st.act_dtype, launch_out=out)
+    else:
+        q = _ops().relayout(x, True, launch_out=out)
     if out and x.data_ptr() % 16 == 0:
         st.q_launch[key] = out[0]
     return q
+
+
+def _to_nchw(y: torch.Tensor, st: _State) -> torch.Tensor:
+    """A channels-last conv output copied to contiguous NCHW (the caller's layout)."""
+    if y.is_contiguous():  # (1x1 spatial outputs are both)
+        return y
+    if not y.is_contiguous(memory_format=torch.channels_last):  # not what cuDNN returns here; stay correct
+        return y.contiguous()
+    b, c, h, w = y.shape
+    key = ("to_nchw", b, c, h * w, y.dtype)
+    launch = st.q_launch.get(key)
+    if launch is not None and y.data_ptr() % 16 == 0:
+        out = torch.empty_like(y, memory_format=torch.contiguous_format)
+        launch(st.dev, y, out, y, c, h * w)
+        return out
+    lo: list = []
+    out = _ops().relayout(y, False, launch_out=lo)
+    if lo and y.data_ptr() % 16 == 0:
+        st.q_launch[key] = lo[0]
+    return out
 
 
 def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
@@ -352,13 +377,13 @@ def _channels_last_conv(layer, st: _State, x: torch.Tensor) -> torch.Tensor:
     """The decode path's conv of a contiguous NCHW bf16/fp16 ``x`` with a KH*KW > 1 kernel, NCHW out.
 
     cuDNN's bf16/fp16 kernels are NHWC: handed NCHW input and weight it transposes both per call. Here the decode
-    and the activation cast write channels-last themselves; the output goes back to NCHW (the caller's layout), the
-    one transpose a float NCHW conv also pays."""
+    and the activation cast (or, weight-only, a copy) write channels-last themselves; the output goes back to NCHW (the
+    caller's layout) through one tiled copy, the one transpose a float NCHW conv also pays."""
     o, c, kh, kw = layer.weight_shape
     w = _decode(layer, st, x.dtype, st.act_dtype is not None, kh * kw).view(o, kh, kw, c).permute(0, 3, 1, 2)
-    xq = _cast_channels_last(x, st) if st.act_dtype is not None else x.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(xq, w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation, layer.groups)
-    return y.contiguous()
+    y = F.conv2d(_channels_last(x, st), w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation,
+                 layer.groups)
+    return _to_nchw(y, st)
 
 
 # ----------------------------------------------------------------------------------------------------------------

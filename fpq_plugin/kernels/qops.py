@@ -16,6 +16,7 @@
   bf16/fp16/fp32), so a bf16 GEMM/conv with a weight decoded with ``x_scale`` folded in computes the quantized layer.
 * ``fake_quantize_grid_channels_last`` and ``decode_weight(..., taps=KH*KW)``: the same for a conv, written in
   channels-last memory, which cuDNN's bf16/fp16 kernels use (on NCHW operands cuDNN transposes both per call).
+* ``relayout``: the plain NCHW <-> channels-last copy (a weight-only conv's input, a conv's output back to NCHW).
 
 Every kernel launch after the first of a given signature goes through :func:`_fast_launch` (a cached compiled
 kernel called directly), because an eager UNet calls them ~1000 times per step and Triton's Python binder costs
@@ -37,6 +38,7 @@ __all__ = [
     "fake_quantize_grid_reference",
     "quantize_fp8",
     "quantize_fp8_reference",
+    "relayout",
 ]
 
 _FMAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -152,24 +154,19 @@ def _decode_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, N, K, KP, stride
              mask=n_ok[:, None] & (rk[None, :] < K))
 
 
-def _decode_taps_last_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, C, TAPS, stride_c, stride_o,
-                             BITS4: tl.constexpr, WS_PER_CHANNEL: tl.constexpr, HAS_ZP: tl.constexpr,
-                             FOLD_XS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Filter program_id(0) of a conv weight, channels program_id(1)*BLOCK_C..: codes read in their (C, TAPS)
-    order, values written in (TAPS, C) order (channels-last), so the stores stay coalesced along C (a scattered
-    store of each element cost 7 ms per SD1.5 forward on an H200)."""
+def _decode_taps_last_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, C, stride_c, stride_o,
+                             TAPS: tl.constexpr, BITS4: tl.constexpr, WS_PER_CHANNEL: tl.constexpr,
+                             HAS_ZP: tl.constexpr, FOLD_XS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Filter program_id(0) of a conv weight, channels program_id(1)*BLOCK_C..: for each tap t, the codes of
+    (c, t) (TAPS bytes apart, read through L1, which holds the row's lines across the taps) are written at
+    t * C + c of the channels-last row, so every store is contiguous along C. (A first version wrote each element
+    to its channels-last position, scattered: 7 ms per SD1.5 forward on an H200; a (C, 16-padded taps) tile with
+    coalesced stores: 1.08 ms, 2.6x its bytes.)"""
     n = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rt = tl.arange(0, BLOCK_T)
-    mask = (rc[:, None] < C) & (rt[None, :] < TAPS)
-    j = rc[:, None] * TAPS + rt[None, :]  # element index within the row
+    mask = rc < C
     row = c_ptr + n.to(tl.int64) * stride_c
-    if BITS4:
-        byte = tl.load(row + j // 2, mask=mask, other=0)
-        code = (byte >> ((j % 2) * 4).to(tl.uint8)) & 15
-    else:
-        code = tl.load(row + j, mask=mask, other=0)
-    v = tl.load(t_ptr + code.to(tl.int32))
+    out = o_ptr + n.to(tl.int64) * stride_o
     if WS_PER_CHANNEL:
         s = tl.load(ws_ptr + n)
     else:
@@ -177,31 +174,52 @@ def _decode_taps_last_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, C, TAP
     if FOLD_XS:
         s = s * tl.load(xs_ptr)
     if HAS_ZP:
-        v = v - tl.load(zp_ptr + n)
-    v = v * s
-    tl.store(o_ptr + n.to(tl.int64) * stride_o + rt[None, :] * C + rc[:, None], v.to(o_ptr.dtype.element_ty),
-             mask=mask)
+        zp = tl.load(zp_ptr + n)
+    for t in tl.static_range(TAPS):
+        j = rc * TAPS + t  # element index within the row
+        if BITS4:
+            byte = tl.load(row + j // 2, mask=mask, other=0)
+            code = (byte >> ((j % 2) * 4).to(tl.uint8)) & 15
+        else:
+            code = tl.load(row + j, mask=mask, other=0)
+        v = tl.load(t_ptr + code.to(tl.int32))
+        if HAS_ZP:
+            v = v - zp
+        v = v * s
+        tl.store(out + t * C + rc, v.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def _quant_to_cl_kernel(x_ptr, q_ptr, xs_ptr, C, HW,
-                        CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Grid values (in q's float dtype) of fp8(x / xs) of an NCHW tensor, written channels-last: one (BLOCK_C, BLOCK_HW) tile of image
-    program_id(2), read along HW and stored along C (Triton moves the tile through shared memory between the two
-    coalesced layouts)."""
+def _relayout_kernel(x_ptr, q_ptr, xs_ptr, C, HW,
+                     QUANT: tl.constexpr, TO_CL: tl.constexpr,
+                     CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """One (BLOCK_C, BLOCK_HW) tile of image program_id(2) moved between NCHW and channels-last memory (TO_CL: NCHW
+    in, channels-last out; else the reverse), read along the input's contiguous axis and stored along the output's
+    (Triton moves the tile through shared memory between the two coalesced layouts). QUANT: the values written are
+    the grid values (in q's float dtype) of fp8(x / xs); else a plain copy."""
     rhw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     base = tl.program_id(2).to(tl.int64) * C * HW
     mask = (rc[:, None] < C) & (rhw[None, :] < HW)
-    inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
-    x = tl.load(x_ptr + base + rc[:, None] * HW + rhw[None, :], mask=mask, other=0.0)
-    q = _cast_fp8(x, inv, CLAMP, FMAX, ACT_E5M2)
-    tl.store(q_ptr + base + rhw[None, :] * C + rc[:, None], q.to(tl.float32).to(q_ptr.dtype.element_ty), mask=mask)
+    nchw = rc[:, None] * HW + rhw[None, :]
+    nhwc = rhw[None, :] * C + rc[:, None]
+    if TO_CL:
+        x = tl.load(x_ptr + base + nchw, mask=mask, other=0.0)
+    else:
+        x = tl.load(x_ptr + base + nhwc, mask=mask, other=0.0)
+    if QUANT:
+        inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
+        x = _cast_fp8(x, inv, CLAMP, FMAX, ACT_E5M2).to(tl.float32)
+    x = x.to(q_ptr.dtype.element_ty)
+    if TO_CL:
+        tl.store(q_ptr + base + nhwc, x, mask=mask)
+    else:
+        tl.store(q_ptr + base + nchw, x, mask=mask)
 
 
 @functools.cache
 def _kernels():
-    global tl, _cast_fp8, _quant_kernel, _decode_kernel, _quant_to_cl_kernel, _decode_taps_last_kernel
+    global tl, _cast_fp8, _quant_kernel, _decode_kernel, _relayout_kernel, _decode_taps_last_kernel
     try:
         import triton
         import triton.language
@@ -209,11 +227,14 @@ def _kernels():
         raise RuntimeError("fpq's GPU kernels need the 'triton' package (pip install triton)") from e
     tl = triton.language
     _cast_fp8 = triton.jit(_cast_fp8)
-    _quant_kernel = triton.jit(_quant_kernel, do_not_specialize=["numel"])
-    _decode_kernel = triton.jit(_decode_kernel, do_not_specialize=["N", "K", "KP", "stride_c", "stride_o"])
-    _decode_taps_last_kernel = triton.jit(_decode_taps_last_kernel,
-                                          do_not_specialize=["C", "TAPS", "stride_c", "stride_o"])
-    _quant_to_cl_kernel = triton.jit(_quant_to_cl_kernel, do_not_specialize=["C", "HW"])
+    # Integer arguments stay specialised (Triton compiles per "multiple of 16" / "equal to 1"): without knowing
+    # that sizes and row strides are multiples of 16, Triton cannot prove vector alignment and issues one 1-2 byte
+    # access per element (the activation cast ran at 13 us per SDXL Linear, 3x its bytes). _fast_launch keys on
+    # the same properties.
+    _quant_kernel = triton.jit(_quant_kernel)
+    _decode_kernel = triton.jit(_decode_kernel)
+    _decode_taps_last_kernel = triton.jit(_decode_taps_last_kernel)
+    _relayout_kernel = triton.jit(_relayout_kernel)
     return triton, _quant_kernel, _decode_kernel
 
 
@@ -241,8 +262,8 @@ def launch_hooks_idle(runtime_knobs) -> bool:
 
 def _fast_launch(kern, grid, args, consts: dict, num_warps: int):
     """``kern[grid](*args, **consts, num_warps=...)``, but after the first launch of a signature the compiled kernel
-    is called directly. The key holds what Triton specialises on here: every constexpr, the tensors' dtypes and
-    16-byte alignment (integer arguments are all in ``do_not_specialize`` or constant per key)."""
+    is called directly. The key holds what Triton specialises on: every constexpr, the tensors' dtypes and 16-byte
+    alignment, and for each integer whether it is a multiple of 16 and whether it is 1."""
     interp = _interpreting()
     if FAST_LAUNCH and not interp:
         import triton
@@ -250,7 +271,8 @@ def _fast_launch(kern, grid, args, consts: dict, num_warps: int):
         knobs = triton.knobs.runtime
         if launch_hooks_idle(knobs):
             key = (id(kern), tuple(consts.values()), num_warps, len(grid),
-                   *((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else None for a in args))
+                   *((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor)
+                     else (a % 16 == 0, a == 1) if isinstance(a, int) else None for a in args))
             dev = next(a for a in args if isinstance(a, torch.Tensor)).device.index
             ck = _FAST.get(key + (dev,))
             g = tuple(grid) + (1,) * (3 - len(grid))
@@ -330,17 +352,33 @@ def fake_quantize_grid_channels_last(x: torch.Tensor, x_scale: torch.Tensor, act
     """:func:`fake_quantize_grid` of a contiguous NCHW ``x``, returned in channels-last memory (one pass: the
     layout change cuDNN would otherwise make with a separate transpose before its NHWC convolution kernels).
     ``launch_out`` receives a :class:`Launch` for ``launch(dev, x, q, x_scale, C, H*W)`` with the same shape."""
+    return _relayout(x, True, x_scale, act_dtype, launch_out)
+
+
+def relayout(x: torch.Tensor, channels_last: bool, *, launch_out=None) -> torch.Tensor:
+    """``x.contiguous(memory_format=...)`` between NCHW and channels-last, as one tiled Triton copy (PyTorch's
+    generic strided copy took ~9 us per SD1.5 conv output on an H200, about 3x its bytes). ``channels_last``: a
+    contiguous NCHW ``x`` in, channels-last out; else a channels-last ``x`` in, contiguous out. ``launch_out``
+    receives a :class:`Launch` for ``launch(dev, x, out, x, C, H*W)`` with the same shape."""
+    return _relayout(x, channels_last, None, None, launch_out)
+
+
+def _relayout(x, to_cl, x_scale, act_dtype, launch_out):
     _check(x)
-    if x.dim() != 4 or not x.is_contiguous():
-        raise ValueError(f"expected a contiguous NCHW tensor, got shape {tuple(x.shape)} strides {x.stride()}")
+    src = torch.contiguous_format if to_cl else torch.channels_last
+    if x.dim() != 4 or not x.is_contiguous(memory_format=src):
+        want = "a contiguous NCHW" if to_cl else "a channels-last"
+        raise ValueError(f"expected {want} tensor, got shape {tuple(x.shape)} strides {x.stride()}")
     triton = _kernels()[0]
     b, c, h, w = x.shape
-    q = torch.empty_like(x, memory_format=torch.channels_last)
+    q = torch.empty_like(x, memory_format=torch.channels_last if to_cl else torch.contiguous_format)
     if x.numel():
+        quant = x_scale is not None
         grid = (triton.cdiv(h * w, _CL_BLOCK_HW), triton.cdiv(c, _CL_BLOCK_C), b)
-        consts = dict(CLAMP=_interpreting(), FMAX=_FMAX[act_dtype], ACT_E5M2=act_dtype == torch.float8_e5m2,
+        consts = dict(QUANT=quant, TO_CL=to_cl, CLAMP=_interpreting(),
+                      FMAX=_FMAX[act_dtype] if quant else 0.0, ACT_E5M2=act_dtype == torch.float8_e5m2,
                       BLOCK_C=_CL_BLOCK_C, BLOCK_HW=_CL_BLOCK_HW)
-        ck = _fast_launch(_quant_to_cl_kernel, grid, (x, q, x_scale, c, h * w), consts, 4)
+        ck = _fast_launch(_relayout_kernel, grid, (x, q, x_scale if quant else x, c, h * w), consts, 4)
         if launch_out is not None and ck is not None:
             launch_out.append(Launch(ck, grid, consts))
     return q
@@ -375,14 +413,14 @@ def decode_weight(codes, k, table, w_scale=None, zero_point=None, x_scale=None, 
     if taps > 1:
         if raw:
             raise ValueError("taps > 1 (a channels-last conv weight) needs a float dtype, not raw uint8 codes")
-        block_t = triton.next_power_of_2(taps)
-        block_c = max(16, 2048 // block_t)
-        grid = (n, triton.cdiv(k // taps, block_c))
+        c = k // taps
+        block_c = min(256, max(64, triton.next_power_of_2(c)))  # 2-4 channels per thread
+        grid = (n, triton.cdiv(c, block_c))
         args = (codes, table, ws, zero_point if zero_point is not None else ws, x_scale if x_scale is not None else ws,
-                out, k // taps, taps, codes.stride(0), out.stride(0))
-        consts = dict(BITS4=bits4, WS_PER_CHANNEL=per_channel, HAS_ZP=zero_point is not None,
-                      FOLD_XS=x_scale is not None, BLOCK_C=block_c, BLOCK_T=block_t)
-        ck = _fast_launch(_decode_taps_last_kernel, grid, args, consts, 4)
+                out, c, codes.stride(0), out.stride(0))
+        consts = dict(TAPS=taps, BITS4=bits4, WS_PER_CHANNEL=per_channel, HAS_ZP=zero_point is not None,
+                      FOLD_XS=x_scale is not None, BLOCK_C=block_c)
+        ck = _fast_launch(_decode_taps_last_kernel, grid, args, consts, max(1, block_c // 128))
         if launch_out is not None and ck is not None:
             launch_out.append((Launch(ck, grid, consts), args))
         return out

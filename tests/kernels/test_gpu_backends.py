@@ -203,6 +203,20 @@ def test_interp_activation_cast_to_channels_last():
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_interp_relayout_is_the_memory_format_copy(dtype):
+    x = (torch.randn(2, 70, 9, 11) * 3).to(dtype)  # C and H*W not multiples of the 64x64 tiles
+    cl = qops.relayout(x, True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+    back = qops.relayout(cl, False)
+    assert back.is_contiguous() and torch.equal(back, x)
+    with pytest.raises(ValueError, match="channels-last tensor"):
+        qops.relayout(x, False)
+    with pytest.raises(ValueError, match="contiguous NCHW"):
+        qops.relayout(cl, True)
+
+
+@interp
 @pytest.mark.parametrize("w,a", [("e4m3fn", "e4m3fn"), ("e2m1", "e4m3fn"), ("e1m2", None)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_interp_channels_last_conv_path_equals_the_nchw_one(w, a, stride, monkeypatch):
@@ -309,6 +323,11 @@ def test_gpu_activation_casts_bit_exact(act, dtype):
     gcl = qops.fake_quantize_grid_channels_last(xn, xs, act)
     assert gcl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(gcl, qops.fake_quantize_grid_reference(xn, xs, act))
+    # the plain layout copies both ways (a weight-only conv's input, every channels-last conv's output)
+    cl = qops.relayout(xn, True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, xn)
+    back = qops.relayout(cl, False)
+    assert back.is_contiguous() and torch.equal(back, xn)
 
 
 LINEAR_CASES = [("e4m3fn", "e4m3fn"), ("e2m1", "e4m3fn"), ("e3m0", "e4m3fn"), ("e1m2", "e4m3fn"),
