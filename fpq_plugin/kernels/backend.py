@@ -294,25 +294,26 @@ def _ops():
     return _qops
 
 
-def _channels_last(x: torch.Tensor, st: _State) -> torch.Tensor:
-    """A contiguous NCHW ``x`` in channels-last memory: fp8(x / x_scale) grid values for an FP8-activation layer,
-    else the values as they are."""
-    b, c, h, w = x.shape
-    quant = st.act_dtype is not None
-    key = ("to_cl", b, c, h * w, x.dtype)
+def _relayout(t: torch.Tensor, st: _State, to_cl: bool) -> torch.Tensor:
+    """``t`` moved between NCHW and channels-last memory (``to_cl``: a contiguous NCHW ``t`` in, channels-last out,
+    as fp8(t / x_scale) grid values for an FP8-activation layer; else a channels-last ``t`` in, NCHW out, values as
+    they are) through the layer's cached launch."""
+    b, c, h, w = t.shape
+    quant = to_cl and st.act_dtype is not None
+    key = ("relayout", to_cl, b, c, h * w, t.dtype)
     launch = st.q_launch.get(key)
-    if launch is not None and x.data_ptr() % 16 == 0:
-        q = torch.empty_like(x, memory_format=torch.channels_last)
-        launch(st.dev, x, q, st.xs if quant else x, c, h * w)
-        return q
-    out: list = []
+    if launch is not None and t.data_ptr() % 16 == 0:
+        out = torch.empty_like(t, memory_format=torch.channels_last if to_cl else torch.contiguous_format)
+        launch(st.dev, t, out, st.xs if quant else t, c, h * w)
+        return out
+    lo: list = []
     if quant:
-        q = _ops().fake_quantize_grid_channels_last(x, st.xs, st.act_dtype, launch_out=out)
+        out = _ops().fake_quantize_grid_channels_last(t, st.xs, st.act_dtype, launch_out=lo)
     else:
-        q = _ops().relayout(x, True, launch_out=out)
-    if out and x.data_ptr() % 16 == 0:
-        st.q_launch[key] = out[0]
-    return q
+        out = _ops().relayout(t, to_cl, launch_out=lo)
+    if lo and t.data_ptr() % 16 == 0:
+        st.q_launch[key] = lo[0]
+    return out
 
 
 def _to_nchw(y: torch.Tensor, st: _State) -> torch.Tensor:
@@ -321,18 +322,7 @@ def _to_nchw(y: torch.Tensor, st: _State) -> torch.Tensor:
         return y
     if not y.is_contiguous(memory_format=torch.channels_last):  # not what cuDNN returns here; stay correct
         return y.contiguous()
-    b, c, h, w = y.shape
-    key = ("to_nchw", b, c, h * w, y.dtype)
-    launch = st.q_launch.get(key)
-    if launch is not None and y.data_ptr() % 16 == 0:
-        out = torch.empty_like(y, memory_format=torch.contiguous_format)
-        launch(st.dev, y, out, y, c, h * w)
-        return out
-    lo: list = []
-    out = _ops().relayout(y, False, launch_out=lo)
-    if lo and y.data_ptr() % 16 == 0:
-        st.q_launch[key] = lo[0]
-    return out
+    return _relayout(y, st, False)
 
 
 def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
@@ -381,7 +371,7 @@ def _channels_last_conv(layer, st: _State, x: torch.Tensor) -> torch.Tensor:
     caller's layout) through one tiled copy, the one transpose a float NCHW conv also pays."""
     o, c, kh, kw = layer.weight_shape
     w = _decode(layer, st, x.dtype, st.act_dtype is not None, kh * kw).view(o, kh, kw, c).permute(0, 3, 1, 2)
-    y = F.conv2d(_channels_last(x, st), w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation,
+    y = F.conv2d(_relayout(x, st, True), w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation,
                  layer.groups)
     return _to_nchw(y, st)
 
