@@ -15,9 +15,11 @@ replays run one at a time on one stream and outputs are copied out before the ne
 
 A call runs eagerly instead, with a one-time log line saying why, whenever a replay could be wrong:
 autograd on, training mode, ``torch.compile`` tracing, an argument that is not a tensor or a plain value (a
-callable, an object), inputs not on a CUDA device, weights not all on the input's device (CPU offload), PyTorch's
-cudaMallocAsync allocator (ComfyUI's default; Triton kernels cannot be captured under it), or a ``check`` hook of
-the front door refusing (ComfyUI: patches or ControlNet present). The weights a graph reads are
+callable, an object), inputs not on a CUDA device, weights not all on the input's device (CPU offload), or a
+``check`` hook of the front door refusing (ComfyUI: patches or ControlNet present). Under PyTorch's cudaMallocAsync
+allocator (ComfyUI's default) a failed capture aborts the process, so there a signature is captured only when its
+last warm-up launched no Triton kernel through Triton's Python binder (which checks pointers with the driver, and
+that check fails inside such a capture), and fpq's cached launches pass plain-int pointers while it runs. The weights a graph reads are
 checked by address and in-place version on every call: a weight replaced or written (LoRA patching, a device
 move, reloading) drops every graph, so no graph reads freed memory or stale derived state. A capture that fails
 (a forward that synchronises, for example) leaves that signature eager for good, and a module whose signatures
@@ -26,6 +28,7 @@ keep changing (more than ``4 * max_graphs`` evictions) goes eager with a warning
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -46,16 +49,27 @@ _SMALL_HOST_TENSOR = 64  # CPU tensors up to this many elements (timesteps) are 
 
 Check = Callable[[tuple, dict], "str | None"]
 
+# Under PyTorch's cudaMallocAsync allocator (ComfyUI's default) a capture is made only when the last warm-up ran no
+# Triton kernel through Triton's Python binder, and it runs with fpq's cached launches passing plain-int pointers
+# (fpq_plugin.kernels.qops.pointer_args_as_ints): a failed capture there aborts the whole process. False: never
+# capture under that allocator.
+CAPTURE_UNDER_ASYNC_ALLOCATOR = True
+
 ASYNC_ALLOCATOR_REASON = (
     "PyTorch's cudaMallocAsync allocator is on (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, which ComfyUI sets "
-    "by default), and Triton kernels cannot be captured with it; running eagerly. To replay graphs, start ComfyUI "
-    "with --disable-cuda-malloc (or drop that setting)"
+    "by default), and graph capture under it is switched off (CAPTURE_UNDER_ASYNC_ALLOCATOR); running eagerly. To "
+    "replay graphs, start ComfyUI with --disable-cuda-malloc (or drop that setting)"
+)
+BINDER_LAUNCH_REASON = (
+    "{n} Triton kernel launch(es) in the last warm-up went through Triton's Python launcher, which checks each "
+    "pointer with the driver; inside a capture under the cudaMallocAsync allocator that check fails and PyTorch "
+    "aborts the process, so this input shape runs eagerly (start ComfyUI with --disable-cuda-malloc to replay it)"
 )
 
 
 @functools.cache  # asked once a CUDA tensor exists, when the allocator backend is fixed for the process
 def async_allocator_active() -> bool:
-    """True when PyTorch's CUDA allocator is the cudaMallocAsync backend (graphs of fpq's Triton kernels fail)."""
+    """True when PyTorch's CUDA allocator is the cudaMallocAsync backend (a capture needs the guards above)."""
     return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
@@ -195,10 +209,10 @@ class GraphedForward:
         device = next((x.device for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda), None)
         if device is None:
             return "", None, [], None  # a CPU call: nothing to replay
-        if async_allocator_active():
+        if async_allocator_active() and not CAPTURE_UNDER_ASYNC_ALLOCATOR:
             # Triton's launcher checks every pointer with the driver, and memory that cudaMallocAsync hands out
             # inside a capture is not mapped until the graph runs: the capture fails, and PyTorch aborts the
-            # process when that capture's allocations are freed (seen in ComfyUI on an H200). Never try.
+            # process when that capture's allocations are freed (seen in ComfyUI on an H200).
             self.disabled = ASYNC_ALLOCATOR_REASON
             logger.warning("fpq: CUDA graphs off: %s", self.disabled)
             return "", None, [], None
@@ -301,19 +315,29 @@ class GraphedForward:
                 self.release()
                 return None
         start = time.perf_counter()
+        guarded = async_allocator_active()
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.forward(*args, **kwargs)
+                for i in range(self.warmup):
+                    if guarded and i == self.warmup - 1:
+                        # the capture's code path exactly (int pointers), with every binder launch counted
+                        with _capture_launches(), _binder_launches() as binder:
+                            self.forward(*args, **kwargs)
+                    else:
+                        self.forward(*args, **kwargs)
             torch.cuda.current_stream(device).wait_stream(side)
+            if guarded and binder[0]:
+                self._failed.add(key)
+                self._note(BINDER_LAUNCH_REASON.format(n=binder[0]))
+                return None
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             # thread_local: a server (ComfyUI) runs the sampler in a worker thread while its web thread may ask
             # the device for memory stats; those calls are not part of this capture and must not abort it.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with _capture_launches(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any capture failure means: this signature runs eagerly
             self._failed.add(key)
@@ -345,6 +369,23 @@ class GraphedForward:
     def _buffer(x: torch.Tensor, device: torch.device) -> torch.Tensor:
         buf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
         return buf.copy_(x)
+
+
+def _capture_launches():
+    """fpq's cached kernel launches with plain-int pointers (fpq_plugin.kernels.qops.pointer_args_as_ints) under the
+    cudaMallocAsync allocator, where Triton's pointer check fails inside a capture; else nothing changes."""
+    if not async_allocator_active():
+        return contextlib.nullcontext()
+    from fpq_plugin.kernels.qops import pointer_args_as_ints
+
+    return pointer_args_as_ints()
+
+
+def _binder_launches():
+    """Counts Triton binder launches (fpq_plugin.kernels.qops.count_triton_binder_launches)."""
+    from fpq_plugin.kernels.qops import count_triton_binder_launches
+
+    return count_triton_binder_launches()
 
 
 def enable_cuda_graphs(module: torch.nn.Module, **options: Any) -> GraphedForward:

@@ -816,6 +816,13 @@ def fp8_linear(
     return y if len(lead) == 1 else y.reshape(*lead, n)
 
 
+@functools.cache
+def _qops():
+    from fpq_plugin.kernels import qops
+
+    return qops
+
+
 class LinearPlan:
     """A quantized Linear's launcher, made once per layer: ``plan(x) == fp8_linear(x, w, w_scale, x_scale, bias)``.
 
@@ -863,11 +870,16 @@ class LinearPlan:
         ck, grid0, consts, w_arg, tail, out_dtype, dev_idx, desc = ent
         if dev_idx != torch.cuda.current_device():
             return self._slow(x)
+        int_pointers = _qops().INT_POINTERS[0]  # capturing under cudaMallocAsync (see qops.pointer_args_as_ints)
+        if int_pointers and desc is not None:
+            return self._slow(x)  # a TMA descriptor holds the tensor itself; Triton's binder (counted there) runs it
         y = torch.empty((m, self.n), dtype=out_dtype, device=x2.device)
         xa = x2 if desc is None else desc(x2, [m, k], [k, 1], [consts[10], consts[12]])
+        ptrs = (xa, w_arg, self.w_scale, self.x_scale, self.bias if self.bias is not None else self.w_scale, y)
+        if int_pointers:
+            ptrs = _qops().raw_pointers(ptrs)
         ck.run(grid0, 1, 1, torch._C._cuda_getCurrentRawStream(dev_idx), ck.function, ck.packed_metadata,
-               None, None, None, xa, w_arg, self.w_scale, self.x_scale,
-               self.bias if self.bias is not None else self.w_scale, y, m, *tail[1:], *consts)
+               None, None, None, *ptrs, m, *tail[1:], *consts)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.n)
 
     def _remember(self, m, info):

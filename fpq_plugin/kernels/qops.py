@@ -25,6 +25,7 @@ tens of microseconds per call on the test VM (see benchmarks/NOTES_GPU.md).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -244,6 +245,54 @@ def _kernels():
 
 _FAST: dict[tuple, object] = {}
 FAST_LAUNCH = True
+INT_POINTERS = [False]  # set by pointer_args_as_ints()
+
+
+@contextlib.contextmanager
+def pointer_args_as_ints():
+    """Within this context the cached launches (:class:`Launch`, :func:`_fast_launch`'s direct path and
+    ``fp8_linear.LinearPlan``) hand Triton each tensor's address as a plain int.
+
+    Why: Triton's launcher asks the driver about every tensor argument's pointer (``cuPointerGetAttribute``), and
+    memory that PyTorch's cudaMallocAsync allocator hands out inside a CUDA-graph capture is not mapped until the
+    graph runs, so the check fails and the capture with it (PyTorch then aborts the process when it frees that
+    capture's memory). An int is passed through unchecked. Launches through Triton's own binder (a first call of
+    a signature) still check: :func:`count_triton_binder_launches` finds them before a capture."""
+    prev = INT_POINTERS[0]
+    INT_POINTERS[0] = True
+    try:
+        yield
+    finally:
+        INT_POINTERS[0] = prev
+
+
+def raw_pointers(args) -> tuple:
+    """``args`` with every tensor replaced by its address (see :func:`pointer_args_as_ints`)."""
+    return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@contextlib.contextmanager
+def count_triton_binder_launches():
+    """Count, in the yielded one-element list, the Triton kernels launched through Triton's Python binder
+    (``JITFunction.run``: fpq's first call of a signature, or any other library's Triton kernel) while inside.
+    fpq's cached direct launches do not go through it. Without Triton nothing can launch; the count stays 0."""
+    count = [0]
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield count
+        return
+    original = JITFunction.run
+
+    def run(self, *args, **kwargs):
+        count[0] += 1
+        return original(self, *args, **kwargs)
+
+    JITFunction.run = run
+    try:
+        yield count
+    finally:
+        JITFunction.run = original
 
 
 def launch_hooks_idle(runtime_knobs) -> bool:
@@ -278,7 +327,7 @@ def _fast_launch(kern, grid, args, consts: dict, num_warps: int):
             g = tuple(grid) + (1,) * (3 - len(grid))
             if ck is not None:
                 ck.run(*g, torch._C._cuda_getCurrentRawStream(dev), ck.function, ck.packed_metadata, None, None,
-                       None, *args, *consts.values())
+                       None, *(raw_pointers(args) if INT_POINTERS[0] else args), *consts.values())
                 return ck
             ck = kern[grid](*args, **consts, num_warps=num_warps)
             if hasattr(ck, "run"):
@@ -301,6 +350,8 @@ class Launch:
 
     def __call__(self, dev: int, *args) -> None:
         ck = self.ck
+        if INT_POINTERS[0]:
+            args = raw_pointers(args)
         ck.run(*self.grid, torch._C._cuda_getCurrentRawStream(dev), ck.function, ck.packed_metadata, None, None,
                None, *args, *self.consts)
 
