@@ -14,6 +14,9 @@ rotated over --nbuf copies so that repeated calls do not run from L2:
   w4a8_join               4-bit decode interleaved into one B tile instead of splitting A
   w8a8_preq               fpq kernel fed an already-fp8 x (no cast in the loop: what the fusion costs)
   w8a8_cublas             fpq quantize_activation + cuBLAS rowwise-scaled fp8 GEMM, the exact W8A8 semantics
+  w8a8_cublas_fast        the same with use_fast_accum=True (Hopper's fp8 accumulator is not promoted to fp32)
+  mm_rowwise(_fast)       the rowwise-scaled cuBLAS GEMM alone on an already-fp8 x (what the module's GEMM costs)
+  mm_only_fast            mm_only with use_fast_accum=True
   w8a8_pacc / w4a8_pacc   (--pacc) fp32 promotion of Hopper's fp8 accumulator every 64 K (errors always reported)
 
 Host overhead: --host-shape is called back to back (no sync) and the enqueue time per call is reported.
@@ -24,7 +27,7 @@ bf16 time / variant time (>1 = faster than bf16), per shape and summed over the 
 Also measures the bf16 matmul and fp8 _scaled_mm peaks at 8192^3 (the floor), and each kernel's error against
 fp8_linear_reference. Writes JSON to --out, else $OUT/linear_kernels.json when OUT is set.
 
-    python benchmarks/bench_linear_kernels.py [--tune] [--jobs 8] [--reps 50] [--out file.json]
+    python benchmarks/bench_linear_kernels.py [--tune] [--jobs 8] [--reps 50] [--variants a,b] [--out file.json]
 """
 
 from __future__ import annotations
@@ -209,7 +212,7 @@ class Problem:
         self.ws4 = [torch.rand(n, device=dev, generator=g) * 0.01 + 0.001 for _ in range(nbuf)]
         self.xq = [(x / self.xs).to(E4M3) for x in self.x]
 
-    def variants(self, fl, pacc: bool):
+    def variants(self, fl, pacc: bool, only=None):
         xs, b = self.xs, self.b
         if not hasattr(self, "plan8"):
             self.plan8 = [fl.LinearPlan(pw, ws, xs, b) for pw, ws in zip(self.pw8, self.ws8)]
@@ -224,14 +227,16 @@ class Problem:
             except Exception:  # noqa: BLE001
                 self.rowwise_bias = False
 
-        def cublas(i):
-            q = fl.quantize_activation(self.x[i], xs)
+        def rowwise(q, i, fast):
             if self.rowwise_bias:
                 return torch._scaled_mm(q, self.w8pc[i], scale_a=self.xs_col, scale_b=self.ws_row[i], bias=b,
-                                        out_dtype=torch.bfloat16)
+                                        out_dtype=torch.bfloat16, use_fast_accum=fast)
             y = torch._scaled_mm(q, self.w8pc[i], scale_a=self.xs_col, scale_b=self.ws_row[i],
-                                 out_dtype=torch.bfloat16)
+                                 out_dtype=torch.bfloat16, use_fast_accum=fast)
             return y.add_(b)
+
+        def cublas(i, fast=False):
+            return rowwise(fl.quantize_activation(self.x[i], xs), i, fast)
 
         self.cublas = cublas
         v = {
@@ -248,10 +253,17 @@ class Problem:
             "w4a8_join": lambda i: fl.fp8_linear(self.x[i], self.pw4[i], self.ws4[i], xs, b, w4_join=True),
             "w8a8_preq": lambda i: fl.fp8_linear(self.xq[i], self.pw8[i], self.ws8[i], xs, b),
             "w8a8_cublas": cublas,
+            "w8a8_cublas_fast": lambda i: cublas(i, True),
+            "mm_rowwise": lambda i: rowwise(self.xq[i], i, False),
+            "mm_rowwise_fast": lambda i: rowwise(self.xq[i], i, True),
+            "mm_only_fast": lambda i: torch._scaled_mm(self.xq[i], self.w8t[i], scale_a=xs, scale_b=self.ws_t[i],
+                                                       bias=b, out_dtype=torch.bfloat16, use_fast_accum=True),
         }
         if pacc:
             v["w8a8_pacc"] = lambda i: fl.fp8_linear(self.x[i], self.pw8[i], self.ws8[i], xs, b, imprecise_acc=64)
             v["w4a8_pacc"] = lambda i: fl.fp8_linear(self.x[i], self.pw4[i], self.ws4[i], xs, b, imprecise_acc=64)
+        if only is not None:
+            v = {k: f for k, f in v.items() if k == "bf16" or k in only}
         return v
 
     def host_variants(self, fl):
@@ -272,10 +284,20 @@ class Problem:
         keep["w8a8_triton_launch"] = slow
         return keep
 
-    def errors(self, fl) -> dict[str, float]:
-        """max|y - ref| / max|ref| of the kernels against fp8_linear_reference (bf16 and fp32 outputs)."""
+    def errors(self, fl, triton_kernels: bool = True) -> dict[str, float]:
+        """max|y - ref| / max|ref| of the kernels against fp8_linear_reference (bf16 and fp32 outputs).
+
+        ``triton_kernels=False`` measures the cuBLAS paths only (no fpq GEMM kernel is compiled).
+        """
         res = {}
         xs, b = self.xs, self.b
+        self.variants(fl, False)
+        ref = fl.fp8_linear_reference(self.x[0], self.codes8[0], self.ws8[0], xs, b).float()
+        for fast, name in ((False, "w8a8_cublas_bf16"), (True, "w8a8_cublas_fast_bf16")):
+            y = self.cublas(0, fast).float()
+            res[name] = (y - ref).abs().max().item() / ref.abs().max().item()
+        if not triton_kernels:
+            return res
         for tag, pw, codes, ws, tab in (("w8a8", self.pw8[0], self.codes8[0], self.ws8[0], None),
                                         ("w4a8", self.pw4[0], self.codes4[0], self.ws4[0], self.table)):
             for od, odn in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
@@ -289,10 +311,6 @@ class Problem:
         ref = fl.fp8_linear_reference(self.x[0], self.codes4[0], self.ws4[0], xs, b, weight_table=self.table).float()
         y = fl.fp8_linear(self.x[0], self.pw4[0], self.ws4[0], xs, b, w4_join=True).float()
         res["w4a8_join_bf16"] = (y - ref).abs().max().item() / ref.abs().max().item()
-        self.variants(fl, False)
-        ref = fl.fp8_linear_reference(self.x[0], self.codes8[0], self.ws8[0], xs, b).float()
-        y = self.cublas(0).float()
-        res["w8a8_cublas_bf16"] = (y - ref).abs().max().item() / ref.abs().max().item()
         ref = fl.fp8_linear_reference(self.xq[0], self.codes8[0], self.ws8[0], xs, b).float()
         y = fl.fp8_linear(self.xq[0], self.pw8[0], self.ws8[0], xs, b).float()
         res["w8a8_preq_bf16"] = (y - ref).abs().max().item() / ref.abs().max().item()
@@ -446,7 +464,13 @@ def main():
     ap.add_argument("--host-shape", default="154,768,320", help="M,K,N of the host-overhead measurement")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="precompile processes (0: none)")
     ap.add_argument("--models", default="sd15,sdxl")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of variants to time besides bf16 (default: all); with only cuBLAS variants "
+                         "pass --jobs 0 --no-host: no fpq GEMM kernel is compiled")
+    ap.add_argument("--no-host", action="store_true", help="skip the host-overhead measurement")
     args = ap.parse_args()
+    only = None if args.variants is None else set(args.variants.split(","))
+    triton_kernels = only is None or any(v.startswith(("w8a8", "w4a8")) and "cublas" not in v for v in only)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     fl = load_kernels()
@@ -484,12 +508,13 @@ def main():
     if args.jobs > 0:
         report["precompile_final"] = precompile(fl, shapes, chosen, pacc, args.jobs, final=True)
 
-    hm, hk, hn = map(int, args.host_shape.split(","))
-    hp = Problem(fl, hm, hk, hn, 1, seed=1)
-    report["host_overhead_us"] = host_overhead(hp.host_variants(fl))
-    del hp
-    print("host us/call (enqueue, back-to-back): " + " ".join(
-        f"{k} {v['enqueue_us']:.1f}" for k, v in report["host_overhead_us"].items()), flush=True)
+    if not args.no_host:
+        hm, hk, hn = map(int, args.host_shape.split(","))
+        hp = Problem(fl, hm, hk, hn, 1, seed=1)
+        report["host_overhead_us"] = host_overhead(hp.host_variants(fl))
+        del hp
+        print("host us/call (enqueue, back-to-back): " + " ".join(
+            f"{k} {v['enqueue_us']:.1f}" for k, v in report["host_overhead_us"].items()), flush=True)
 
     report["peaks_8192"] = peaks()
     for k, v in report["peaks_8192"].items():
@@ -505,7 +530,7 @@ def main():
             entry["tuned"] = {f"w{bits}": tuned_all[(m, k, n, bits)] for bits in (8, 4)}
         entry["config_w8"] = chosen(m, k, n, 8)[0]
         entry["config_w4"] = chosen(m, k, n, 4)[0]
-        fns = p.variants(fl, pacc)
+        fns = p.variants(fl, pacc, only)
         ok = {}
         for name, f in fns.items():  # a variant that fails is reported, not fatal
             try:
@@ -521,7 +546,7 @@ def main():
         except Exception as e:  # noqa: BLE001
             entry["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         try:
-            entry["rel_err"] = p.errors(fl)
+            entry["rel_err"] = p.errors(fl, triton_kernels)
         except Exception as e:  # noqa: BLE001
             entry["rel_err_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         entry["seconds"] = time.perf_counter() - t0

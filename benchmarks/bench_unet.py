@@ -8,7 +8,10 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
   ``fpq_w8a8_fused`` (same model, Linear through the fused-cast Triton kernel), ``fpq_w8a8_igemm`` (same model,
   Conv2d through the FP8 implicit-GEMM kernel), ``bf16_cl`` / ``fpq_w8a8_igemm_cl`` (channels-last), ``fpq_w4a8``,
   ``fpq_w4a16``
-  (RTN ``quantize_`` with absmax activation scales from one observed forward) and ``torchao_fp8_row``
+  (RTN ``quantize_`` with absmax activation scales from one observed forward), the same models with one switch
+  flipped (``<fpq variant>_fp32acc``: cuBLAS fp8 GEMMs without fast accumulation; ``<fpq variant>_plain_geglu``:
+  diffusers' GEGLU instead of fpq's one-pass kernel), ``bf16_geglu`` (the bf16 model with fpq's GEGLU kernel: the
+  part of fpq's gain a float model could have too) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
   host speed drifts between processes);
@@ -172,16 +175,27 @@ def torchao_copy(base):
     return m
 
 
-@contextlib.contextmanager
-def fp8_method(method, conv_method="decode"):
-    from fpq_plugin.kernels import backend as kb
+# Variant-name suffixes that run an fpq model with one switch flipped (same model object, same process):
+# ``fpq_w8a8_fp32acc`` = cuBLAS fp8 GEMMs without fast accumulation, ``fpq_w8a8_plain_geglu`` = diffusers' own GEGLU.
+VARIANT_SWITCHES = {"_fp32acc": {"fast_accum": False}, "_fastacc": {"fast_accum": True},
+                    "_plain_geglu": {"fused_geglu": False}}
 
-    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD
+
+@contextlib.contextmanager
+def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None):
+    from fpq_plugin.kernels import backend as kb
+    from fpq_plugin.nn import fused_geglu as fg
+
+    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED
     kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = method, conv_method
+    if fast_accum is not None:
+        kb.FP8_FAST_ACCUM = fast_accum
+    if fused_geglu is not None:
+        fg.ENABLED = fused_geglu
     try:
         yield
     finally:
-        kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = old
+        kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED = old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,7 +206,8 @@ def fp8_method(method, conv_method="decode"):
 def call(variant, inp):
     if variant.get("channels_last"):  # the latent arrives channels-last; every conv output then stays so
         inp = dict(inp, sample=inp["sample"].contiguous(memory_format=torch.channels_last))
-    with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode")):
+    with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode"),
+                                        variant.get("fast_accum"), variant.get("fused_geglu")):
         return variant["model"](**inp, return_dict=False)[0]
 
 
@@ -476,10 +491,19 @@ def main():
             variants.append({"name": "bf16_cl", "model": copy.deepcopy(base).to(memory_format=torch.channels_last),
                              "channels_last": True})
             info["bf16_cl"] = dict(info["bf16"])
+        if "bf16_geglu" in wanted:  # the bf16 model with fpq's one-pass GEGLU: how much of fpq's gain is that fusion
+            from fpq_plugin.nn.fused_geglu import fuse_geglu
+
+            m = copy.deepcopy(base)
+            for mod in m.modules():
+                fuse_geglu(mod)
+            variants.append({"name": "bf16_geglu", "model": m})
+            info["bf16_geglu"] = dict(info["bf16"])
         need = set(wanted) | (set(args.compile_variants.split(",")) if args.compile_only else set())
         for vname, recipe in (("fpq_w8a8", "w8a8"), ("fpq_w4a8", "w4a8"), ("fpq_w4a16", "w4a16")):
             shares_w8a8 = need & {"fpq_w8a8_fused", "fpq_w8a8_igemm", "fpq_w8a8_igemm_cl"}
-            if vname not in need and not (vname == "fpq_w8a8" and shares_w8a8):
+            if vname not in need and not any(f"{vname}{sfx}" in need for sfx in VARIANT_SWITCHES) and \
+                    not (vname == "fpq_w8a8" and shares_w8a8):
                 continue
             t = time.time()
             try:
@@ -492,6 +516,10 @@ def main():
                            "formats": rep.format_counts()}
             if vname in need:
                 variants.append({"name": vname, "model": m})
+            for suffix, switch in VARIANT_SWITCHES.items():  # same model, one backend switch flipped
+                if f"{vname}{suffix}" in need:
+                    variants.append(dict(switch, name=f"{vname}{suffix}", model=m))
+                    info[f"{vname}{suffix}"] = dict(info[vname])
             if vname == "fpq_w8a8" and "fpq_w8a8_fused" in need:
                 variants.append({"name": "fpq_w8a8_fused", "model": m, "method": "fused"})
                 info["fpq_w8a8_fused"] = dict(info[vname])
@@ -566,7 +594,8 @@ def main():
                     save(args.out, {"results": {key: out}})
                 if args.front_door:
                     for v in ok:
-                        if v.get("channels_last") or v.get("method", "auto") != "auto":
+                        if v.get("channels_last") or v.get("method", "auto") != "auto" or \
+                                any(k in v for k in ("fast_accum", "fused_geglu")):
                             continue  # the front doors run the default methods on the pipeline's NCHW latents
                         try:
                             vres[v["name"]].update(front_door_time(v, inp, reps=args.reps))

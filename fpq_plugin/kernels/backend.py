@@ -52,6 +52,12 @@ FP8_CONV_METHOD = "decode"
 # straight into channels-last memory, so cuDNN's NHWC kernels get their layout without transposing input and weight
 # per call (what a float NCHW model pays: 3.1 ms of SD1.5 B2's 12.1 ms graph on an H200). False: plain NCHW.
 CONV_CHANNELS_LAST = True
+# cuBLAS fp8 GEMMs with use_fast_accum: Hopper's fp8 tensor cores accumulate in a narrower-than-fp32 register and
+# cuBLAS, by default, adds every few K-steps into fp32 on the CUDA cores, which costs GEMM throughput. Fast
+# accumulation skips that promotion (torchao's float8 inference does the same). H200: SDXL B2's Linear GEMMs 13.0 ->
+# 11.7 ms; max error vs the reference 3.5e-3 -> 7.0e-3 of max|y| at K = 1280-5120 (bench_linear_kernels.py), UNet
+# output error vs the fp32 reference backend 0.0798 -> 0.0804 (bench_unet.py, results/unet_h200_fastacc.json).
+FP8_FAST_ACCUM = True
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
@@ -251,7 +257,7 @@ def _fp8_linear_torch(layer, x: torch.Tensor) -> torch.Tensor:
         scale_b = ws.reshape(1, n) if ws.numel() == n else ws.expand(n).reshape(1, n).contiguous()
         scale_a = layer.input_scale.reshape(1, 1).expand(m, 1).contiguous()
         y = torch._scaled_mm(_quant_torch(x2, layer), _decode_fp8_torch(layer).t(), scale_a=scale_a,
-                             scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+                             scale_b=scale_b, bias=bias, out_dtype=x.dtype, use_fast_accum=FP8_FAST_ACCUM)
         return y.reshape(*x.shape[:-1], n)
     return _decode_linear_torch(layer, x)
 
@@ -294,35 +300,34 @@ def _ops():
     return _qops
 
 
-def _relayout(t: torch.Tensor, st: _State, to_cl: bool) -> torch.Tensor:
+def _relayout(t: torch.Tensor, st: _State, to_cl: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` moved between NCHW and channels-last memory (``to_cl``: a contiguous NCHW ``t`` in, channels-last out,
     as fp8(t / x_scale) grid values for an FP8-activation layer; else a channels-last ``t`` in, NCHW out, values as
-    they are) through the layer's cached launch."""
+    they are, plus ``bias`` per channel when given) through the layer's cached launch."""
     b, c, h, w = t.shape
     quant = to_cl and st.act_dtype is not None
-    key = ("relayout", to_cl, b, c, h * w, t.dtype)
+    key = ("relayout", to_cl, bias is not None, b, c, h * w, t.dtype)
     launch = st.q_launch.get(key)
     if launch is not None and t.data_ptr() % 16 == 0:
         out = torch.empty_like(t, memory_format=torch.channels_last if to_cl else torch.contiguous_format)
-        launch(st.dev, t, out, st.xs if quant else t, c, h * w)
+        launch(st.dev, t, out, st.xs if quant else t, bias if bias is not None else t, c, h * w)
         return out
     lo: list = []
     if quant:
         out = _ops().fake_quantize_grid_channels_last(t, st.xs, st.act_dtype, launch_out=lo)
     else:
-        out = _ops().relayout(t, to_cl, launch_out=lo)
+        out = _ops().relayout(t, to_cl, bias=bias, launch_out=lo)
     if lo and t.data_ptr() % 16 == 0:
         st.q_launch[key] = lo[0]
     return out
 
 
-def _to_nchw(y: torch.Tensor, st: _State) -> torch.Tensor:
-    """A channels-last conv output copied to contiguous NCHW (the caller's layout)."""
-    if y.is_contiguous():  # (1x1 spatial outputs are both)
-        return y
-    if not y.is_contiguous(memory_format=torch.channels_last):  # not what cuDNN returns here; stay correct
-        return y.contiguous()
-    return _relayout(y, st, False)
+def _to_nchw(y: torch.Tensor, st: _State, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A channels-last conv output copied to contiguous NCHW (the caller's layout), ``bias`` added on the way."""
+    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        return _relayout(y, st, False, bias)
+    y = y.contiguous()  # a no-op for what cuDNN returns here (1x1 spatial outputs are both layouts)
+    return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
 
 
 def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
@@ -368,12 +373,12 @@ def _channels_last_conv(layer, st: _State, x: torch.Tensor) -> torch.Tensor:
 
     cuDNN's bf16/fp16 kernels are NHWC: handed NCHW input and weight it transposes both per call. Here the decode
     and the activation cast (or, weight-only, a copy) write channels-last themselves; the output goes back to NCHW (the
-    caller's layout) through one tiled copy, the one transpose a float NCHW conv also pays."""
+    caller's layout) through one tiled copy, the one transpose a float NCHW conv also pays, which also adds the bias
+    (PyTorch adds a conv's bias to cuDNN's output in a pass of its own: 0.5 ms of SD1.5's forward on an H200)."""
     o, c, kh, kw = layer.weight_shape
     w = _decode(layer, st, x.dtype, st.act_dtype is not None, kh * kw).view(o, kh, kw, c).permute(0, 3, 1, 2)
-    y = F.conv2d(_relayout(x, st, True), w, st.bias_as(x.dtype), layer.stride, layer.padding, layer.dilation,
-                 layer.groups)
-    return _to_nchw(y, st)
+    y = F.conv2d(_relayout(x, st, True), w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return _to_nchw(y, st, st.bias_as(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,7 +528,7 @@ class Fp8Backend:
                 w = _decode(layer, st, torch.uint8, False).view(torch.float8_e4m3fn)
             try:
                 y = torch._scaled_mm(q, w.t(), scale_a=st.ones_m(m, x.device), scale_b=st.scale_b,
-                                     bias=st.bias_as(x.dtype), out_dtype=x.dtype)
+                                     bias=st.bias_as(x.dtype), out_dtype=x.dtype, use_fast_accum=FP8_FAST_ACCUM)
             except RuntimeError as e:  # a shape cuBLAS/CUTLASS refuses: remember, use the fused kernel for it
                 st.cublas_bad.add(m)
                 logger.info("fpq: fp8 backend: _scaled_mm refused M=%d N=%d K=%d (%s); using the fused kernel",

@@ -190,14 +190,15 @@ def _decode_taps_last_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, C, str
         tl.store(out + t * C + rc, v.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def _relayout_kernel(x_ptr, q_ptr, xs_ptr, C, HW,
-                     QUANT: tl.constexpr, TO_CL: tl.constexpr,
+def _relayout_kernel(x_ptr, q_ptr, xs_ptr, b_ptr, C, HW,
+                     QUANT: tl.constexpr, TO_CL: tl.constexpr, HAS_BIAS: tl.constexpr,
                      CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """One (BLOCK_C, BLOCK_HW) tile of image program_id(2) moved between NCHW and channels-last memory (TO_CL: NCHW
     in, channels-last out; else the reverse), read along the input's contiguous axis and stored along the output's
     (Triton moves the tile through shared memory between the two coalesced layouts). QUANT: the values written are
-    the grid values (in q's float dtype) of fp8(x / xs); else a plain copy."""
+    the grid values (in q's float dtype) of fp8(x / xs); else a plain copy. HAS_BIAS: q = x + bias[c], rounded once
+    to q's dtype (a conv's bias, which PyTorch adds to a cuDNN output in a separate pass of its own)."""
     rhw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     base = tl.program_id(2).to(tl.int64) * C * HW
@@ -211,6 +212,8 @@ def _relayout_kernel(x_ptr, q_ptr, xs_ptr, C, HW,
     if QUANT:
         inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
         x = _cast_fp8(x, inv, CLAMP, FMAX, ACT_E5M2).to(tl.float32)
+    if HAS_BIAS:
+        x = x.to(tl.float32) + tl.load(b_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[:, None]
     x = x.to(q_ptr.dtype.element_ty)
     if TO_CL:
         tl.store(q_ptr + base + nhwc, x, mask=mask)
@@ -402,19 +405,23 @@ def fake_quantize_grid_channels_last(x: torch.Tensor, x_scale: torch.Tensor, act
                                      launch_out=None) -> torch.Tensor:
     """:func:`fake_quantize_grid` of a contiguous NCHW ``x``, returned in channels-last memory (one pass: the
     layout change cuDNN would otherwise make with a separate transpose before its NHWC convolution kernels).
-    ``launch_out`` receives a :class:`Launch` for ``launch(dev, x, q, x_scale, C, H*W)`` with the same shape."""
+    ``launch_out`` receives a :class:`Launch` for ``launch(dev, x, q, x_scale, x, C, H*W)`` with the same shape."""
     return _relayout(x, True, x_scale, act_dtype, launch_out)
 
 
-def relayout(x: torch.Tensor, channels_last: bool, *, launch_out=None) -> torch.Tensor:
+def relayout(x: torch.Tensor, channels_last: bool, *, bias: torch.Tensor | None = None,
+             launch_out=None) -> torch.Tensor:
     """``x.contiguous(memory_format=...)`` between NCHW and channels-last, as one tiled Triton copy (PyTorch's
     generic strided copy took ~9 us per SD1.5 conv output on an H200, about 3x its bytes). ``channels_last``: a
-    contiguous NCHW ``x`` in, channels-last out; else a channels-last ``x`` in, contiguous out. ``launch_out``
-    receives a :class:`Launch` for ``launch(dev, x, out, x, C, H*W)`` with the same shape."""
-    return _relayout(x, channels_last, None, None, launch_out)
+    contiguous NCHW ``x`` in, channels-last out; else a channels-last ``x`` in, contiguous out. ``bias`` (C,): added
+    per channel on the way, as ``x + bias.view(1, C, 1, 1)`` would (one rounding). ``launch_out`` receives a
+    :class:`Launch` for ``launch(dev, x, out, x, bias or x, C, H*W)`` with the same shape."""
+    if bias is not None and (bias.shape != (x.shape[1],) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({x.shape[1]},) of {x.dtype}, got {tuple(bias.shape)} of {bias.dtype}")
+    return _relayout(x, channels_last, None, None, launch_out, bias)
 
 
-def _relayout(x, to_cl, x_scale, act_dtype, launch_out):
+def _relayout(x, to_cl, x_scale, act_dtype, launch_out, bias=None):
     _check(x)
     src = torch.contiguous_format if to_cl else torch.channels_last
     if x.dim() != 4 or not x.is_contiguous(memory_format=src):
@@ -426,10 +433,11 @@ def _relayout(x, to_cl, x_scale, act_dtype, launch_out):
     if x.numel():
         quant = x_scale is not None
         grid = (triton.cdiv(h * w, _CL_BLOCK_HW), triton.cdiv(c, _CL_BLOCK_C), b)
-        consts = dict(QUANT=quant, TO_CL=to_cl, CLAMP=_interpreting(),
+        consts = dict(QUANT=quant, TO_CL=to_cl, HAS_BIAS=bias is not None, CLAMP=_interpreting(),
                       FMAX=_FMAX[act_dtype] if quant else 0.0, ACT_E5M2=act_dtype == torch.float8_e5m2,
                       BLOCK_C=_CL_BLOCK_C, BLOCK_HW=_CL_BLOCK_HW)
-        ck = _fast_launch(_relayout_kernel, grid, (x, q, x_scale if quant else x, c, h * w), consts, 4)
+        args = (x, q, x_scale if quant else x, bias if bias is not None else x, c, h * w)
+        ck = _fast_launch(_relayout_kernel, grid, args, consts, 4)
         if launch_out is not None and ck is not None:
             launch_out.append(Launch(ck, grid, consts))
     return q

@@ -214,6 +214,14 @@ def test_interp_relayout_is_the_memory_format_copy(dtype):
         qops.relayout(x, False)
     with pytest.raises(ValueError, match="contiguous NCHW"):
         qops.relayout(cl, True)
+    bias = (torch.randn(70) * 2).to(dtype)  # a conv's bias, added on the way back to NCHW
+    with_bias = qops.relayout(cl, False, bias=bias)
+    want = x + bias.view(1, -1, 1, 1)
+    # the interpreter rounds fp32 -> bf16 toward zero, not to nearest: one bf16 ulp apart at most (exact on the GPU)
+    tol = want.float().abs() * (2.0**-7 if dtype == torch.bfloat16 else 0.0)
+    assert with_bias.is_contiguous() and bool(((with_bias.float() - want.float()).abs() <= tol).all())
+    with pytest.raises(ValueError, match="bias must be"):
+        qops.relayout(cl, False, bias=bias[:-1])
 
 
 @interp
@@ -328,6 +336,8 @@ def test_gpu_activation_casts_bit_exact(act, dtype):
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, xn)
     back = qops.relayout(cl, False)
     assert back.is_contiguous() and torch.equal(back, xn)
+    bias = torch.randn(xn.shape[1], device=xn.device).to(xn.dtype)
+    assert torch.equal(qops.relayout(cl, False, bias=bias), xn + bias.view(1, -1, 1, 1))
 
 
 LINEAR_CASES = [("e4m3fn", "e4m3fn"), ("e2m1", "e4m3fn"), ("e3m0", "e4m3fn"), ("e1m2", "e4m3fn"),
