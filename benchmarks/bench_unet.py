@@ -10,8 +10,9 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
   ``fpq_w4a16``
   (RTN ``quantize_`` with absmax activation scales from one observed forward), the same models with one switch
   flipped (``<fpq variant>_fp32acc``: cuBLAS fp8 GEMMs without fast accumulation; ``<fpq variant>_plain_geglu``:
-  diffusers' GEGLU instead of fpq's one-pass kernel), ``bf16_geglu`` (the bf16 model with fpq's GEGLU kernel: the
-  part of fpq's gain a float model could have too) and ``torchao_fp8_row``
+  diffusers' GEGLU instead of fpq's one-pass kernel; ``_plain_gn``: PyTorch's GroupNorm; ``_unfused``: both),
+  ``bf16_fused`` (the bf16 model with fpq's GEGLU and GroupNorm kernels: the part of fpq's gain a float model could
+  have too) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
   host speed drifts between processes);
@@ -176,26 +177,31 @@ def torchao_copy(base):
 
 
 # Variant-name suffixes that run an fpq model with one switch flipped (same model object, same process):
-# ``fpq_w8a8_fp32acc`` = cuBLAS fp8 GEMMs without fast accumulation, ``fpq_w8a8_plain_geglu`` = diffusers' own GEGLU.
+# ``fpq_w8a8_fp32acc`` = cuBLAS fp8 GEMMs without fast accumulation, ``fpq_w8a8_plain_geglu`` = diffusers' own GEGLU,
+# ``fpq_w8a8_plain_gn`` = PyTorch's GroupNorm, ``fpq_w8a8_unfused`` = both.
 VARIANT_SWITCHES = {"_fp32acc": {"fast_accum": False}, "_fastacc": {"fast_accum": True},
-                    "_plain_geglu": {"fused_geglu": False}}
+                    "_plain_geglu": {"fused_geglu": False}, "_plain_gn": {"fused_group_norm": False},
+                    "_unfused": {"fused_geglu": False, "fused_group_norm": False}}
 
 
 @contextlib.contextmanager
-def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None):
+def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, fused_group_norm=None):
     from fpq_plugin.kernels import backend as kb
     from fpq_plugin.nn import fused_geglu as fg
+    from fpq_plugin.nn import fused_group_norm as fgn
 
-    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED
+    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED
     kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = method, conv_method
     if fast_accum is not None:
         kb.FP8_FAST_ACCUM = fast_accum
     if fused_geglu is not None:
         fg.ENABLED = fused_geglu
+    if fused_group_norm is not None:
+        fgn.ENABLED = fused_group_norm
     try:
         yield
     finally:
-        kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED = old
+        kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED = old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +213,8 @@ def call(variant, inp):
     if variant.get("channels_last"):  # the latent arrives channels-last; every conv output then stays so
         inp = dict(inp, sample=inp["sample"].contiguous(memory_format=torch.channels_last))
     with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode"),
-                                        variant.get("fast_accum"), variant.get("fused_geglu")):
+                                        variant.get("fast_accum"), variant.get("fused_geglu"),
+                                        variant.get("fused_group_norm")):
         return variant["model"](**inp, return_dict=False)[0]
 
 
@@ -491,14 +498,16 @@ def main():
             variants.append({"name": "bf16_cl", "model": copy.deepcopy(base).to(memory_format=torch.channels_last),
                              "channels_last": True})
             info["bf16_cl"] = dict(info["bf16"])
-        if "bf16_geglu" in wanted:  # the bf16 model with fpq's one-pass GEGLU: how much of fpq's gain is that fusion
-            from fpq_plugin.nn.fused_geglu import fuse_geglu
+        if "bf16_fused" in wanted:  # the bf16 model with fpq's GEGLU and GroupNorm kernels: the part of fpq's gain
+            from fpq_plugin.nn.fused_geglu import fuse_geglu  # that is those kernels, not quantization
+            from fpq_plugin.nn.fused_group_norm import fuse_group_norm
 
             m = copy.deepcopy(base)
             for mod in m.modules():
                 fuse_geglu(mod)
-            variants.append({"name": "bf16_geglu", "model": m})
-            info["bf16_geglu"] = dict(info["bf16"])
+                fuse_group_norm(mod)
+            variants.append({"name": "bf16_fused", "model": m})
+            info["bf16_fused"] = dict(info["bf16"])
         need = set(wanted) | (set(args.compile_variants.split(",")) if args.compile_only else set())
         for vname, recipe in (("fpq_w8a8", "w8a8"), ("fpq_w4a8", "w4a8"), ("fpq_w4a16", "w4a16")):
             shares_w8a8 = need & {"fpq_w8a8_fused", "fpq_w8a8_igemm", "fpq_w8a8_igemm_cl"}
@@ -595,7 +604,7 @@ def main():
                 if args.front_door:
                     for v in ok:
                         if v.get("channels_last") or v.get("method", "auto") != "auto" or \
-                                any(k in v for k in ("fast_accum", "fused_geglu")):
+                                any(k in v for k in ("fast_accum", "fused_geglu", "fused_group_norm")):
                             continue  # the front doors run the default methods on the pipeline's NCHW latents
                         try:
                             vres[v["name"]].update(front_door_time(v, inp, reps=args.reps))

@@ -22,6 +22,7 @@ from torch import nn
 from fpq_plugin.errors import LayerQuantizationError
 from fpq_plugin.nn import QuantizedLayer, quantized_type_for
 from fpq_plugin.nn.fused_geglu import fuse_geglu
+from fpq_plugin.nn.fused_group_norm import fuse_group_norms_beside
 from fpq_plugin.quantizers import QuantizedWeight, activation_params, choose_weight_format
 from fpq_plugin.recipes import Recipe, get_recipe
 
@@ -112,15 +113,18 @@ def observe_input_ranges(modules: dict[str, nn.Module]) -> Iterator[dict[str, li
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at the dotted path ``name``.
 
-    A quantized layer installed as a GEGLU's ``proj`` also gives that GEGLU fpq's one-pass kernel
-    (:mod:`fpq_plugin.nn.fused_geglu`), so every way of building a quantized model (quantize, the method, loading a
-    checkpoint or a cache entry, the ComfyUI nodes) gets it.
+    Installing a quantized layer also gives its neighbours fpq's fused kernels: the GEGLU whose ``proj`` it is
+    (:mod:`fpq_plugin.nn.fused_geglu`) and the GroupNorms beside it (:mod:`fpq_plugin.nn.fused_group_norm`), so
+    every way of building a quantized model (quantize, the method, loading a checkpoint or a cache entry, the ComfyUI
+    nodes) gets them.
     """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-    if child == "proj" and isinstance(module, QuantizedLayer):
-        fuse_geglu(parent)
+    if isinstance(module, QuantizedLayer):
+        if child == "proj":
+            fuse_geglu(parent)
+        fuse_group_norms_beside(parent)
 
 
 def build_quantized_layer(module: nn.Module, plan: LayerPlan, *, name: str = "<layer>") -> QuantizedLayer:

@@ -72,7 +72,7 @@ def _kernel():
     return triton, _geglu_kernel
 
 
-_BLOCK = 1024
+_BLOCK, _WARPS = 1024, 4
 
 
 def geglu(y: torch.Tensor, *, launch_out: list | None = None) -> torch.Tensor:
@@ -95,7 +95,7 @@ def geglu(y: torch.Tensor, *, launch_out: list | None = None) -> torch.Tensor:
         triton, kern = _kernel()
         grid = (rows, triton.cdiv(f, _BLOCK))
         consts = dict(BLOCK=_BLOCK)
-        ck = qops._fast_launch(kern, grid, (y, out, f), consts, 4)
+        ck = qops._fast_launch(kern, grid, (y, out, f), consts, _WARPS)
         if launch_out is not None and ck is not None:
             launch_out.append(qops.Launch(ck, grid, consts))
     return out

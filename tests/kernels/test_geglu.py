@@ -79,8 +79,13 @@ def test_kernel_agrees_with_pytorch_on_the_gpu(lead, f, dtype):
     out, ref = geglu(y), geglu_reference(y)
     assert out.shape == ref.shape and out.dtype == dtype
     err = (out.float() - ref.float()).abs()
-    tiny = torch.finfo(dtype).tiny  # subnormal outputs: one rounding is an absolute step
-    assert bool((err <= 2 * ULP[dtype] * ref.float().abs() + tiny).all()), float(err.max())
+    h, gate = y.float().chunk(2, dim=-1)
+    # two roundings of the output, plus the two erfs' fp32 difference (a few ulps of 1.0): for gate < -4,
+    # 1 + erf(gate / sqrt 2) cancels and that absolute difference is a large share of the GELU
+    bound = 2 * ULP[dtype] * ref.float().abs() + 2.0**-20 * (h * gate).abs() + torch.finfo(dtype).tiny
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (
+        f"h={h.flatten()[worst]} gate={gate.flatten()[worst]} out={out.flatten()[worst]} ref={ref.flatten()[worst]}")
     assert (out != ref).float().mean().item() < 0.05
 
 
