@@ -1,8 +1,22 @@
-"""Shared test helpers: seeded tensors and error metrics."""
+"""Shared test helpers: seeded tensors, error metrics, and the skip marks of the kernel tests."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import pytest
 import torch
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# bf16/fp16 unit roundoff steps (one ulp relative to the value)
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+interp = pytest.mark.skipif(not (TRITON_INTERPRET and HAS_TRITON),
+                            reason="set TRITON_INTERPRET=1 (and install triton) to run the kernel logic on the CPU")
+needs_cuda_triton = pytest.mark.skipif(TRITON_INTERPRET or not (torch.cuda.is_available() and HAS_TRITON),
+                                       reason="needs a CUDA GPU and triton; CI has none")
 
 
 def randn(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

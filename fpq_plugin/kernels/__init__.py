@@ -11,6 +11,11 @@
     Memory-bound helpers that let cuBLAS/cuDNN run quantized layers: per-call weight decode (16/256-entry table,
     scales folded in) and the one-pass static-scale activation cast, with pure-PyTorch references.
 
+``fpq_plugin.kernels.geglu``, ``fpq_plugin.kernels.group_norm``
+    One-pass GEGLU and a split-reduction GroupNorm for the float ops around quantized layers, where PyTorch's
+    kernels run far from the memory bandwidth (installed by :mod:`fpq_plugin.nn.fused_geglu` and
+    :mod:`fpq_plugin.nn.fused_group_norm`).
+
 ``fpq_plugin.kernels.backend``
     The ``fp8`` (sm_89+, FP8 tensor cores for Linear) and ``decode`` (any CUDA GPU) backends, registered for
     ``backend='auto'`` by :func:`register_kernel_backends` (the dispatcher calls it on the first CUDA input).

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fpq_plugin.kernels import qops
+from fpq_plugin.kernels.backend import _triton_ok
 
 __all__ = ["geglu", "geglu_reference", "geglu_supported"]
 
@@ -33,16 +34,7 @@ def geglu_reference(y: torch.Tensor) -> torch.Tensor:
 
 def geglu_supported(x: torch.Tensor) -> bool:
     """Whether :func:`geglu` can run on a tensor like ``x`` (a CUDA bf16/fp16 tensor, Triton importable)."""
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _triton_available()
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _triton_ok()
 
 
 tl = None  # triton.language, bound by _kernel()

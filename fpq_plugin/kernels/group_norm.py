@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fpq_plugin.kernels import qops
+from fpq_plugin.kernels.backend import _triton_ok
 
 __all__ = ["group_norm", "group_norm_reference", "group_norm_supported"]
 
@@ -42,17 +43,8 @@ def group_norm_supported(x: torch.Tensor, num_groups: int) -> bool:
         and x.dim() >= 3
         and x.shape[1] % num_groups == 0
         and x.is_contiguous()
-        and _triton_available()
+        and _triton_ok()
     )
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 tl = None  # triton.language, bound by _kernels()

@@ -10,10 +10,10 @@ class's own forward unchanged, so the patch never changes results beyond the ker
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
+
+from fpq_plugin.nn.instance_forward import has_forward, install_forward, remove_forward
 
 __all__ = ["fuse_geglu", "is_fused_geglu", "unfuse_geglu"]
 
@@ -57,18 +57,14 @@ def fuse_geglu(module: nn.Module) -> bool:
     """Give ``module`` (if it is a known GEGLU) the fused forward; returns whether it now has it. Idempotent."""
     if not _is_known_geglu(module):
         return False
-    if not getattr(module, _FLAG, False):
-        module.forward = types.MethodType(_fused_forward, module)
-        setattr(module, _FLAG, True)
+    install_forward(module, _FLAG, _fused_forward)
     return True
 
 
 def unfuse_geglu(module: nn.Module) -> None:
     """Undo :func:`fuse_geglu` on ``module`` (a no-op when it was not fused)."""
-    if getattr(module, _FLAG, False):
-        del module.forward
-        delattr(module, _FLAG)
+    remove_forward(module, _FLAG)
 
 
 def is_fused_geglu(module: nn.Module) -> bool:
-    return bool(getattr(module, _FLAG, False))
+    return has_forward(module, _FLAG)

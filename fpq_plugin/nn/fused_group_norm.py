@@ -9,10 +9,10 @@ autograd, ``torch.compile`` tracing) run ``nn.GroupNorm.forward`` unchanged.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
+
+from fpq_plugin.nn.instance_forward import has_forward, install_forward, remove_forward
 
 __all__ = ["fuse_group_norm", "fuse_group_norms_beside", "is_fused_group_norm", "unfuse_group_norm"]
 
@@ -43,9 +43,7 @@ def fuse_group_norm(module: nn.Module) -> bool:
     """Give an ``nn.GroupNorm`` the fused forward; returns whether it has it. Idempotent."""
     if not isinstance(module, nn.GroupNorm):
         return False
-    if not getattr(module, _FLAG, False):
-        module.forward = types.MethodType(_fused_forward, module)
-        setattr(module, _FLAG, True)
+    install_forward(module, _FLAG, _fused_forward)
     return True
 
 
@@ -55,10 +53,8 @@ def fuse_group_norms_beside(parent: nn.Module) -> int:
 
 
 def unfuse_group_norm(module: nn.Module) -> None:
-    if getattr(module, _FLAG, False):
-        del module.forward
-        delattr(module, _FLAG)
+    remove_forward(module, _FLAG)
 
 
 def is_fused_group_norm(module: nn.Module) -> bool:
-    return bool(getattr(module, _FLAG, False))
+    return has_forward(module, _FLAG)

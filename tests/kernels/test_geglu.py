@@ -10,22 +10,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from helpers import ULP, interp
+from helpers import TRITON_INTERPRET as INTERP
+from helpers import needs_cuda_triton as needs_cuda
 
 from fpq_plugin.kernels.geglu import geglu, geglu_reference, geglu_supported
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-interp = pytest.mark.skipif(not (INTERP and HAS_TRITON),
-                            reason="set TRITON_INTERPRET=1 (and install triton) to run the kernel logic on the CPU")
-needs_cuda = pytest.mark.skipif(INTERP or not (torch.cuda.is_available() and HAS_TRITON),
-                                reason="needs a CUDA GPU and triton; CI has none")
 
 # (leading shape, F): one row; ragged F (not a multiple of the 1024-column block); SD-like rows; a 3-d input
 SHAPES = [((1,), 8), ((5,), 1100), ((64,), 1280), ((2, 77), 320)]
@@ -52,7 +44,7 @@ def test_cpu_tensors_are_not_supported():
 
 
 def test_odd_last_dimension_is_rejected():
-    if not (INTERP and HAS_TRITON):
+    if not INTERP:
         pytest.skip("the shape check runs after the device check; needs the interpreter on the CPU")
     with pytest.raises(ValueError, match="even"):
         geglu(torch.ones(2, 5, dtype=torch.bfloat16))

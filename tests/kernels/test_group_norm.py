@@ -10,22 +10,14 @@ none, so they skip with that reason): the same bound on SD-sized shapes, and mos
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from helpers import ULP, interp
+from helpers import TRITON_INTERPRET as INTERP
+from helpers import needs_cuda_triton as needs_cuda
 
 from fpq_plugin.kernels.group_norm import group_norm, group_norm_reference, group_norm_supported
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-interp = pytest.mark.skipif(not (INTERP and HAS_TRITON),
-                            reason="set TRITON_INTERPRET=1 (and install triton) to run the kernel logic on the CPU")
-needs_cuda = pytest.mark.skipif(INTERP or not (torch.cuda.is_available() and HAS_TRITON),
-                                reason="needs a CUDA GPU and triton; CI has none")
 
 
 def _case(shape, groups, dtype, device, affine=True, seed=0):

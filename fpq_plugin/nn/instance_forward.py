@@ -1,0 +1,32 @@
+"""Give one module instance a replacement forward, and take it back (the fused-kernel patches use this).
+
+An instance attribute ``forward`` shadows the class's method for that module only; ``copy.deepcopy`` rebinds it to
+the copy, and ``state_dict`` is unaffected. A flag attribute records which patch is installed.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["has_forward", "install_forward", "remove_forward"]
+
+
+def install_forward(module: nn.Module, flag: str, forward: Callable) -> None:
+    """Bind ``forward(module, ...)`` as ``module.forward`` unless the patch named ``flag`` is already there."""
+    if not getattr(module, flag, False):
+        module.forward = types.MethodType(forward, module)
+        setattr(module, flag, True)
+
+
+def remove_forward(module: nn.Module, flag: str) -> None:
+    """Undo :func:`install_forward` (a no-op when that patch is not installed)."""
+    if getattr(module, flag, False):
+        del module.forward
+        delattr(module, flag)
+
+
+def has_forward(module: nn.Module, flag: str) -> bool:
+    return bool(getattr(module, flag, False))
