@@ -12,7 +12,10 @@ NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 try:
-    import comfy.utils  # noqa: F401  (only importable inside ComfyUI)
+    # Both only importable inside a running ComfyUI: a folder named "comfy" next to a clone (sys.path holds the
+    # clone's parent while pytest imports this package) must not register the nodes.
+    import comfy.utils  # noqa: F401
+    import folder_paths  # noqa: F401
 except ImportError:
     pass
 else:
