@@ -4,7 +4,8 @@ Which ones: every ``nn.GroupNorm`` (diffusers' and ComfyUI's GroupNorm derive fr
 quantized (a ResNet block's norms beside its convs, a transformer's norm beside ``proj_in``, the UNet's output norm
 beside ``conv_out``): :func:`fpq_plugin.api.set_submodule` calls :func:`fuse_group_norms_beside` whenever it installs
 a quantized layer. The module gets an instance forward; inputs the kernel does not cover (CPU, fp32, channels-last,
-autograd, ``torch.compile`` tracing) run ``nn.GroupNorm.forward`` unchanged.
+autograd, ``torch.compile`` tracing, a ComfyUI GroupNorm that casts offloaded weights or carries weight patches) run
+the class's forward unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _fused_forward(self, x, *args, **kwargs):
         and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         and group_norm_supported(x, self.num_groups)
+        # ComfyUI's GroupNorm casts offloaded weights or applies weight patches in its own forward
+        and not getattr(self, "comfy_cast_weights", False)
+        and not getattr(self, "weight_function", None)
+        and not getattr(self, "bias_function", None)
         and (self.weight is None or (self.weight.device == x.device and self.bias.device == x.device))
     ):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
