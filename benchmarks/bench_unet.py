@@ -178,20 +178,25 @@ def torchao_copy(base):
 
 # Variant-name suffixes that run an fpq model with one switch flipped (same model object, same process):
 # ``fpq_w8a8_fp32acc`` = cuBLAS fp8 GEMMs without fast accumulation, ``fpq_w8a8_plain_geglu`` = diffusers' own GEGLU,
-# ``fpq_w8a8_plain_gn`` = PyTorch's GroupNorm, ``fpq_w8a8_unfused`` = both.
+# ``fpq_w8a8_plain_gn`` = PyTorch's GroupNorm, ``fpq_w8a8_unfused`` = both, ``fpq_w8a8_own_casts`` = every layer casts
+# its input itself (no cast shared between to_q/to_k/to_v).
 VARIANT_SWITCHES = {"_fp32acc": {"fast_accum": False}, "_fastacc": {"fast_accum": True},
                     "_plain_geglu": {"fused_geglu": False}, "_plain_gn": {"fused_group_norm": False},
-                    "_unfused": {"fused_geglu": False, "fused_group_norm": False}}
+                    "_unfused": {"fused_geglu": False, "fused_group_norm": False},
+                    "_own_casts": {"share_casts": False}}
 
 
 @contextlib.contextmanager
-def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, fused_group_norm=None):
+def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, fused_group_norm=None,
+               share_casts=None):
     from fpq_plugin.kernels import backend as kb
     from fpq_plugin.nn import fused_geglu as fg
     from fpq_plugin.nn import fused_group_norm as fgn
 
-    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED
+    old = kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED, kb.SHARE_ACTIVATION_CASTS
     kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = method, conv_method
+    if share_casts is not None:
+        kb.SHARE_ACTIVATION_CASTS = share_casts
     if fast_accum is not None:
         kb.FP8_FAST_ACCUM = fast_accum
     if fused_geglu is not None:
@@ -201,7 +206,8 @@ def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, 
     try:
         yield
     finally:
-        kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED = old
+        (kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED,
+         kb.SHARE_ACTIVATION_CASTS) = old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,7 +220,7 @@ def call(variant, inp):
         inp = dict(inp, sample=inp["sample"].contiguous(memory_format=torch.channels_last))
     with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode"),
                                         variant.get("fast_accum"), variant.get("fused_geglu"),
-                                        variant.get("fused_group_norm")):
+                                        variant.get("fused_group_norm"), variant.get("share_casts")):
         return variant["model"](**inp, return_dict=False)[0]
 
 
@@ -604,7 +610,7 @@ def main():
                 if args.front_door:
                     for v in ok:
                         if v.get("channels_last") or v.get("method", "auto") != "auto" or \
-                                any(k in v for k in ("fast_accum", "fused_geglu", "fused_group_norm")):
+                                any(k in v for k in ("fast_accum", "fused_geglu", "fused_group_norm", "share_casts")):
                             continue  # the front doors run the default methods on the pipeline's NCHW latents
                         try:
                             vres[v["name"]].update(front_door_time(v, inp, reps=args.reps))

@@ -71,3 +71,51 @@ def test_moving_a_layer_releases_its_state_and_the_old_tensors() -> None:
     gc.collect()
     assert layer not in kb._STATES
     assert old_codes() is None
+
+
+def _cast_counter(monkeypatch):
+    """Replace the kernel behind ``_cast`` by a counting PyTorch stand-in (the sharing logic is what is tested)."""
+    calls = []
+    monkeypatch.setattr(kb, "_cast_once", lambda x, st, grid_out: calls.append(x) or (x * 2))
+    monkeypatch.setattr(kb, "_LAST_CAST", [None])
+    return calls
+
+
+def test_consecutive_layers_share_the_cast_of_one_input(monkeypatch) -> None:
+    calls = _cast_counter(monkeypatch)
+    q_layer, k_layer, v_layer = _layer(), _layer(), _layer()  # equal input scales, as to_q/to_k/to_v calibrate
+    x = torch.randn(4, 32)
+    outs = [kb._cast(x.reshape(-1, 32), kb._state(m), False) for m in (q_layer, k_layer, v_layer)]
+    assert len(calls) == 1 and outs[0] is outs[1] is outs[2]
+
+
+def test_a_cast_is_not_shared_across_scales_writes_or_other_tensors(monkeypatch) -> None:
+    calls = _cast_counter(monkeypatch)
+    a, b = _layer(), _layer()
+    b.set_input_quantizer(0.07)
+    x = torch.randn(4, 32)
+    kb._cast(x, kb._state(a), False)
+    kb._cast(x, kb._state(b), False)  # another scale
+    assert len(calls) == 2
+    kb._cast(x, kb._state(b), True)  # grid values, not fp8
+    assert len(calls) == 3
+    x.add_(1)  # the same tensor, written in place
+    kb._cast(x, kb._state(b), True)
+    assert len(calls) == 4
+    kb._cast(x.clone(), kb._state(b), True)  # equal values, another tensor
+    assert len(calls) == 5
+    monkeypatch.setattr(kb, "SHARE_ACTIVATION_CASTS", False)
+    y = torch.randn(4, 32)
+    kb._cast(y, kb._state(b), True)
+    kb._cast(y, kb._state(b), True)
+    assert len(calls) == 7
+
+
+def test_inference_mode_tensors_never_share_a_cast(monkeypatch) -> None:
+    calls = _cast_counter(monkeypatch)
+    layer = _layer()
+    with torch.inference_mode():
+        x = torch.randn(4, 32)  # no version counter: an in-place write could not be seen
+        kb._cast(x, kb._state(layer), False)
+        kb._cast(x, kb._state(layer), False)
+    assert len(calls) == 2
