@@ -67,11 +67,10 @@ def _kernel():
 _BLOCK, _WARPS = 1024, 4
 
 
-def geglu(y: torch.Tensor, *, launch_out: list | None = None) -> torch.Tensor:
+def geglu(y: torch.Tensor) -> torch.Tensor:
     """Triton version of :func:`geglu_reference` for a CUDA ``y`` whose last dimension (even, 2F) is dense.
 
-    Returns a new contiguous ``(..., F)`` tensor of ``y``'s dtype. ``launch_out`` receives a
-    :class:`~fpq_plugin.kernels.qops.Launch` for repeating the call as ``launch(dev, y, out, F)`` with the same shape.
+    Returns a new contiguous ``(..., F)`` tensor of ``y``'s dtype; repeat calls go through qops' cached launch.
     """
     if not (y.is_cuda or qops._interpreting()):
         raise RuntimeError(f"fpq's GEGLU kernel needs a CUDA tensor, got one on {y.device}")
@@ -85,9 +84,5 @@ def geglu(y: torch.Tensor, *, launch_out: list | None = None) -> torch.Tensor:
     rows = y.numel() // two_f if two_f else 0
     if rows and f:
         triton, kern = _kernel()
-        grid = (rows, triton.cdiv(f, _BLOCK))
-        consts = dict(BLOCK=_BLOCK)
-        ck = qops._fast_launch(kern, grid, (y, out, f), consts, _WARPS)
-        if launch_out is not None and ck is not None:
-            launch_out.append(qops.Launch(ck, grid, consts))
+        qops._fast_launch(kern, (rows, triton.cdiv(f, _BLOCK)), (y, out, f), dict(BLOCK=_BLOCK), _WARPS)
     return out
