@@ -21,7 +21,7 @@ from torch import nn
 
 from fpq_plugin.errors import LayerQuantizationError
 from fpq_plugin.nn import QuantizedLayer, quantized_type_for
-from fpq_plugin.nn.fused_geglu import fuse_geglu
+from fpq_plugin.nn.fused_geglu import fuse_geglu, link_feed_forward
 from fpq_plugin.nn.fused_group_norm import fuse_group_norms_beside
 from fpq_plugin.quantizers import QuantizedWeight, activation_params, choose_weight_format
 from fpq_plugin.recipes import Recipe, get_recipe
@@ -122,8 +122,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
     if isinstance(module, QuantizedLayer):
-        if child == "proj":
-            fuse_geglu(parent)
+        if child == "proj" and fuse_geglu(parent):
+            ff_name = parent_name.rpartition(".")[0]
+            link_feed_forward(model.get_submodule(ff_name) if ff_name else model, parent)
         fuse_group_norms_beside(parent)
 
 

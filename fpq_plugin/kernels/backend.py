@@ -338,7 +338,8 @@ def _to_nchw(y: torch.Tensor, st: _State, bias: torch.Tensor | None = None) -> t
 # Activation casts shared between consecutive layers that read the same tensor with the same scale (an attention's
 # to_q, to_k and to_v all cast one LayerNorm output: SDXL B2 makes 140 such casts per forward). One entry:
 # (x, its version, scale value, act dtype, grid_out, the cast). Holding x keeps its memory from being reused, so an
-# equal address, layout and version mean equal data; tensors without a version counter (inference mode) never share.
+# equal address, layout and version mean equal data. Tensors without a version counter (inference mode) share only
+# a cast a producer offered (offer_cast: version None), and only once, by the next cast.
 SHARE_ACTIVATION_CASTS = True
 _LAST_CAST: list = [None]
 
@@ -349,9 +350,13 @@ def _shared_cast(x: torch.Tensor, st: _State, grid_out: bool):
         return None
     mx, mver, mxs, mact, mgrid, q = memo
     if (mxs == st.xs_value and mact == st.act_dtype and mgrid == grid_out and mx.data_ptr() == x.data_ptr()
-            and mx.shape == x.shape and mx.stride() == x.stride() and mx.dtype == x.dtype
-            and _version(x) == mver):
-        return q
+            and mx.shape == x.shape and mx.stride() == x.stride() and mx.dtype == x.dtype):
+        ver = _version(x)
+        if mver is None and ver < 0:  # offered for one use
+            _LAST_CAST[0] = None
+            return q
+        if ver == mver:
+            return q
     return None
 
 
@@ -366,6 +371,31 @@ def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
         ver = _version(x)
         _LAST_CAST[0] = (x, ver, st.xs_value, st.act_dtype, grid_out, q) if ver >= 0 else None
     return q
+
+
+def cast_ahead(layer, rows: int, k: int) -> _State | None:
+    """The prepared state of ``layer`` when its next call, on a contiguous ``(rows, k)`` input, will make the fp8
+    activation cast :func:`offer_cast` can supply (the ``fp8`` backend's cuBLAS path), else None. A producer that
+    gets a state writes ``fp8(x / st.xs)`` of type ``st.act_dtype`` beside its output and offers it."""
+    if not SHARE_ACTIVATION_CASTS or FP8_LINEAR_METHOD == "fused" or getattr(layer, "kind", None) != "linear":
+        return None
+    backend = layer.backend if layer.backend != "auto" else getattr(layer, "_fpq_auto_backend", None)
+    if backend != Fp8Backend.name or torch.compiler.is_compiling():
+        return None
+    st = _state(layer)
+    if (st.k != k or st.xs_value is None or st.act_dtype != torch.float8_e4m3fn
+            or not _cublas_shape_ok(rows, st.n, st.k) or rows in st.cublas_bad):
+        return None
+    return st
+
+
+def offer_cast(x: torch.Tensor, st: _State, q: torch.Tensor) -> None:
+    """Hand the consumer of ``x`` (whose state :func:`cast_ahead` returned) its cast ``q``, made by the producer:
+    ``x`` as the consumer will reshape it, ``(rows, K)``. Bits must be :func:`_cast_once`'s; the consumer checks
+    address, layout, version and scale as for any shared cast."""
+    if SHARE_ACTIVATION_CASTS and st.xs_value is not None:
+        ver = _version(x)
+        _LAST_CAST[0] = (x, ver if ver >= 0 else None, st.xs_value, st.act_dtype, False, q)
 
 
 def _cast_once(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:

@@ -11,6 +11,11 @@ dtype, then multiplied in fp32 by ``h`` and rounded again (PyTorch materialises 
 for bit: Triton's ``erf`` (libdevice) and the one PyTorch is compiled with differ by an fp32 ulp for some inputs
 (measured on an H200: 9% of fp32 GELUs, 1.4% after rounding to bf16, each by one ulp of the GELU), so the two
 results agree to two roundings of the output dtype.
+
+:func:`geglu_and_cast` also writes the product's FP8 activation cast for the Linear that reads it next
+(``ff.net.2``), saving that Linear's separate cast pass (a re-read of the whole tensor and a launch): the cast is
+computed from the rounded product exactly as :func:`fpq_plugin.kernels.qops.quantize_fp8` computes it, so the
+consumer sees the same bits it would have made itself.
 """
 
 from __future__ import annotations
@@ -23,13 +28,19 @@ import torch.nn.functional as F
 from fpq_plugin.kernels import qops
 from fpq_plugin.kernels.backend import _triton_ok
 
-__all__ = ["geglu", "geglu_reference", "geglu_supported"]
+__all__ = ["geglu", "geglu_and_cast", "geglu_and_cast_reference", "geglu_reference", "geglu_supported"]
 
 
 def geglu_reference(y: torch.Tensor) -> torch.Tensor:
     """Definition of :func:`geglu`: ``h * gelu(gate)`` with ``h, gate = y.chunk(2, dim=-1)``."""
     h, gate = y.chunk(2, dim=-1)
     return h * F.gelu(gate)
+
+
+def geglu_and_cast_reference(y: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn):
+    """Definition of :func:`geglu_and_cast`: the GEGLU and ``quantize_fp8_reference`` of it (of the rounded output)."""
+    out = geglu_reference(y)
+    return out, qops.quantize_fp8_reference(out, x_scale, act_dtype)
 
 
 def geglu_supported(x: torch.Tensor) -> bool:
@@ -40,8 +51,10 @@ def geglu_supported(x: torch.Tensor) -> bool:
 tl = None  # triton.language, bound by _kernel()
 
 
-def _geglu_kernel(y_ptr, o_ptr, HALF, BLOCK: tl.constexpr):
-    """Row program_id(0), columns program_id(1)*BLOCK..: o[r, c] = y[r, c] * gelu(y[r, HALF + c])."""
+def _geglu_kernel(y_ptr, o_ptr, q_ptr, xs_ptr, HALF, WRITE_Q: tl.constexpr, CLAMP: tl.constexpr,
+                  FMAX: tl.constexpr, ACT_E5M2: tl.constexpr, BLOCK: tl.constexpr):
+    """Row program_id(0), columns program_id(1)*BLOCK..: o[r, c] = y[r, c] * gelu(y[r, HALF + c]); WRITE_Q: also
+    q[r, c] = fp8(o[r, c] / xs), the activation cast of qops' ``_quant_kernel`` applied to the stored o."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < HALF
@@ -50,16 +63,22 @@ def _geglu_kernel(y_ptr, o_ptr, HALF, BLOCK: tl.constexpr):
     g = tl.load(src + HALF + cols, mask=mask, other=0.0).to(tl.float32)
     gelu = g * 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
     gelu = gelu.to(o_ptr.dtype.element_ty).to(tl.float32)  # PyTorch stores the GELU in the input dtype
-    tl.store(o_ptr + row * HALF + cols, (h * gelu).to(o_ptr.dtype.element_ty), mask=mask)
+    out = (h * gelu).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + row * HALF + cols, out, mask=mask)
+    if WRITE_Q:
+        inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
+        tl.store(q_ptr + row * HALF + cols, _cast_fp8(out, inv, CLAMP, FMAX, ACT_E5M2), mask=mask)
 
 
 @functools.cache
 def _kernel():
-    global tl, _geglu_kernel
+    global tl, _geglu_kernel, _cast_fp8
     import triton
     import triton.language
 
+    qops._kernels()
     tl = triton.language
+    _cast_fp8 = qops._cast_fp8  # the one fp8 conversion every activation cast uses (bit-equal casts)
     _geglu_kernel = triton.jit(_geglu_kernel)
     return triton, _geglu_kernel
 
@@ -72,6 +91,21 @@ def geglu(y: torch.Tensor) -> torch.Tensor:
 
     Returns a new contiguous ``(..., F)`` tensor of ``y``'s dtype; repeat calls go through qops' cached launch.
     """
+    return _launch(y, None, None)[0]
+
+
+def geglu_and_cast(y: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn):
+    """Triton version of :func:`geglu_and_cast_reference`: ``(out, q)``, both contiguous ``(..., F)``, ``q`` of
+    ``act_dtype``, in one pass over ``y``. ``x_scale``: the one-element fp32 scale of the consumer's input."""
+    if act_dtype not in qops._FMAX:
+        raise ValueError(f"GEGLU cast: act_dtype must be one of {sorted(map(str, qops._FMAX))}, got {act_dtype}")
+    if x_scale.numel() != 1 or x_scale.dtype != torch.float32 or x_scale.device != y.device:
+        raise ValueError(f"GEGLU cast: x_scale must be one fp32 element on {y.device} (a layer's input_scale), "
+                         f"got {x_scale.dtype} of shape {tuple(x_scale.shape)} on {x_scale.device}")
+    return _launch(y, x_scale, act_dtype)
+
+
+def _launch(y: torch.Tensor, x_scale, act_dtype):
     if not (y.is_cuda or qops._interpreting()):
         raise RuntimeError(f"fpq's GEGLU kernel needs a CUDA tensor, got one on {y.device}")
     two_f = y.shape[-1]
@@ -81,8 +115,14 @@ def geglu(y: torch.Tensor) -> torch.Tensor:
         y = y.contiguous()
     f = two_f // 2
     out = torch.empty((*y.shape[:-1], f), dtype=y.dtype, device=y.device)
+    write_q = act_dtype is not None
+    q = torch.empty(out.shape, dtype=act_dtype, device=y.device) if write_q else None
     rows = y.numel() // two_f if two_f else 0
     if rows and f:
         triton, kern = _kernel()
-        qops._fast_launch(kern, (rows, triton.cdiv(f, _BLOCK)), (y, out, f), dict(BLOCK=_BLOCK), _WARPS)
-    return out
+        consts = dict(WRITE_Q=write_q, CLAMP=qops._interpreting(), FMAX=qops._FMAX[act_dtype] if write_q else 0.0,
+                      ACT_E5M2=act_dtype == torch.float8_e5m2, BLOCK=_BLOCK)
+        # without the cast, out and y stand in for the unused q and scale pointers
+        args = (y, out, q, x_scale, f) if write_q else (y, out, out, y, f)
+        qops._fast_launch(kern, (rows, triton.cdiv(f, _BLOCK)), args, consts, _WARPS)
+    return out, q

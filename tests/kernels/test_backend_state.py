@@ -119,3 +119,57 @@ def test_inference_mode_tensors_never_share_a_cast(monkeypatch) -> None:
         kb._cast(x, kb._state(layer), False)
         kb._cast(x, kb._state(layer), False)
     assert len(calls) == 2
+
+
+def test_an_offered_cast_is_used_by_the_consumer_until_its_input_changes(monkeypatch) -> None:
+    calls = _cast_counter(monkeypatch)
+    layer = _layer()
+    st = kb._state(layer)
+    x = torch.randn(4, 32)
+    offered = torch.randn(4, 32)
+    kb.offer_cast(x, st, offered)
+    assert kb._cast(x, st, False) is offered and kb._cast(x, st, False) is offered and not calls
+    other = _layer()
+    other.set_input_quantizer(0.07)
+    assert kb._cast(x, kb._state(other), False) is not offered  # another scale: its own cast
+    kb.offer_cast(x, st, offered)
+    x.mul_(2)
+    assert kb._cast(x, st, False) is not offered and len(calls) == 2
+
+
+def test_an_offered_cast_of_an_inference_tensor_is_used_once(monkeypatch) -> None:
+    """No version counter: the cast is handed to the next cast call only (the producer's consumer)."""
+    calls = _cast_counter(monkeypatch)
+    layer = _layer()
+    st = kb._state(layer)
+    with torch.inference_mode():
+        x = torch.randn(4, 32)
+        offered = torch.randn(4, 32)
+        kb.offer_cast(x, st, offered)
+        assert kb._cast(x, st, False) is offered and not calls
+        assert kb._cast(x, st, False) is not offered and len(calls) == 1
+
+
+def test_cast_ahead_names_the_layers_whose_cast_a_producer_can_write(monkeypatch) -> None:
+    layer = _layer()  # K=32, N=16, e4m3 input with a static scale
+    assert kb.cast_ahead(layer, 8, 32) is None, "an 'auto' layer not yet run on the GPU has no known backend"
+    layer._fpq_auto_backend = "fp8"  # what dispatch records after the first CUDA call
+    assert kb.cast_ahead(layer, 8, 32) is kb._state(layer)
+    assert kb.cast_ahead(layer, 8, 48) is None  # another width than the layer's K
+    layer.backend = "decode"
+    assert kb.cast_ahead(layer, 8, 32) is None
+    layer.backend = "fp8"
+    assert kb.cast_ahead(layer, 8, 32) is kb._state(layer)
+    monkeypatch.setattr(kb, "FP8_LINEAR_METHOD", "fused")  # the fused kernel casts inside the GEMM
+    assert kb.cast_ahead(layer, 8, 32) is None
+    monkeypatch.setattr(kb, "FP8_LINEAR_METHOD", "auto")
+    kb._state(layer).cublas_bad.add(8)  # a shape cuBLAS refused runs the fused kernel
+    assert kb.cast_ahead(layer, 8, 32) is None and kb.cast_ahead(layer, 16, 32) is not None
+    monkeypatch.setattr(kb, "SHARE_ACTIVATION_CASTS", False)
+    assert kb.cast_ahead(layer, 16, 32) is None
+    e5 = QLinear(32, 16, "e4m3fn", "e5m2", bias=False)
+    e5.set_weight(quantize_weight(torch.randn(16, 32), e5.weight_format, granularity="channel"))
+    e5.set_input_quantizer(0.05)
+    e5.backend = "fp8"
+    monkeypatch.setattr(kb, "SHARE_ACTIVATION_CASTS", True)
+    assert kb.cast_ahead(e5, 16, 32) is None  # e5m2 activations take the fused kernel, not cuBLAS

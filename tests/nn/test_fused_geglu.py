@@ -2,7 +2,7 @@
 
 The kernel itself is tested in tests/kernels/test_geglu.py; here the patch: installed by every quantized-model build
 (through ``api.set_submodule``), idempotent, survives ``deepcopy`` bound to the copy, reversible, and on the CPU (no
-kernel) exactly the class's own forward.
+kernel) exactly the class's own forward; and the link that lets the kernel write the next Linear's FP8 input cast.
 """
 
 from __future__ import annotations
@@ -120,3 +120,88 @@ def test_a_quantized_unet_on_the_gpu_gives_the_same_output_fused_or_not(monkeypa
     # the kernel's GELU can round to the neighbouring bf16 value (tests/kernels/test_geglu.py): far below the
     # quantization error, but not bit-identical
     assert (fused.float() - plain.float()).abs().max() <= 2**-6 * plain.float().abs().max()
+
+
+def _w8a8_unet(device="cpu", dtype=torch.float32):
+    unet = build_unet("tiny", seed=0)
+    inputs = example_unet_inputs(unet, batch=2, height=16, width=16)
+    with torch.no_grad():
+        quantize_(unet, "w8a8", calibration_fn=lambda m: m(**inputs))
+    return unet.to(device, dtype), inputs
+
+
+def _feed_forwards(unet):
+    return [m for m in unet.modules() if isinstance(m, nn.ModuleList) and m and isinstance(m[0], GEGLU)]
+
+
+def test_quantizing_links_each_geglu_to_its_feed_forward():
+    unet, _ = _w8a8_unet()
+    nets = _feed_forwards(unet)
+    assert nets and all(fg.is_fused_geglu(net[0]) for net in nets)
+    assert all(net[0].__dict__[fg._LINK].get() is net for net in nets)
+    assert not fg.link_feed_forward(nets[0][2], nets[0][0])  # not a container starting with that GEGLU
+    seq = nn.Sequential(nets[0][0], nn.Dropout(0.0), nets[0][2])  # ComfyUI's FeedForward.net
+    assert fg.link_feed_forward(seq, seq[0])
+
+
+def test_the_next_linear_cast_is_asked_for_only_when_nothing_can_change_the_tensor_between():
+    unet, _ = _w8a8_unet()
+    net = _feed_forwards(unet)[0]
+    geglu, drop, linear = net[0], net[1], net[2]
+    y = torch.randn(2, 64, 2 * linear.in_features)
+    assert fg._next_linear_cast(geglu, y) is None, "on the CPU no layer has resolved to the fp8 backend"
+    linear.backend = "fp8"
+    assert fg._next_linear_cast(geglu, y) is not None
+    handle = drop.register_forward_hook(lambda *a: None)
+    assert fg._next_linear_cast(geglu, y) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+    assert fg._next_linear_cast(geglu, y) is None
+    handle.remove()
+    drop.p, drop.training = 0.1, True
+    assert fg._next_linear_cast(geglu, y) is None
+    drop.training = False
+    assert fg._next_linear_cast(geglu, y) is not None
+    net[2] = nn.Linear(linear.in_features, linear.out_features)  # a float Linear casts nothing
+    assert fg._next_linear_cast(geglu, y) is None
+
+
+def test_deepcopy_links_the_copied_geglu_to_the_copied_feed_forward():
+    unet, _ = _w8a8_unet()
+    clone = copy.deepcopy(unet)
+    for net in _feed_forwards(clone):
+        assert net[0].__dict__[fg._LINK].get() is net
+    alone = copy.deepcopy(_feed_forwards(unet)[0][0])
+    assert alone.__dict__[fg._LINK].get() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_the_geglu_writes_the_next_linears_cast_with_identical_results(monkeypatch, inference_mode):
+    """W8A8 on the GPU: the feed-forward's Linear uses the cast the GEGLU kernel wrote (its own cast kernel runs
+    fewer times) and the UNet output is bit-identical to the unfused-cast path, in and outside inference mode."""
+    pytest.importorskip("triton")
+    from fpq_plugin.kernels import backend as kb
+    from fpq_plugin.kernels import geglu as kg
+
+    unet, inputs = _w8a8_unet()
+    unet = unet.to("cuda", torch.bfloat16)
+    inputs = {k: (v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+                  v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    casts, fused = [], []
+    real_cast, real_fused = kb._cast_once, kg.geglu_and_cast
+    monkeypatch.setattr(kb, "_cast_once", lambda *a: casts.append(1) or real_cast(*a))
+    monkeypatch.setattr(kg, "geglu_and_cast", lambda *a: fused.append(1) or real_fused(*a))
+    grad_mode = torch.inference_mode() if inference_mode else torch.no_grad()
+    with grad_mode:
+        unet(**inputs)  # first call: each layer resolves its backend
+        casts.clear(), fused.clear()
+        with_cast = unet(**inputs).sample
+        n_casts, n_fused = len(casts), len(fused)
+        monkeypatch.setattr(fg, "CAST_FOR_NEXT_LINEAR", False)
+        casts.clear()
+        without = unet(**inputs).sample
+    assert n_fused == len(_feed_forwards(unet)), "the GEGLU kernel did not write the cast"
+    assert len(casts) - n_casts == n_fused, "the Linear cast its input again"
+    assert torch.equal(with_cast, without)
