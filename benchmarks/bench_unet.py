@@ -11,7 +11,8 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
   (RTN ``quantize_`` with absmax activation scales from one observed forward), the same models with one switch
   flipped (``<fpq variant>_fp32acc``: cuBLAS fp8 GEMMs without fast accumulation; ``<fpq variant>_plain_geglu``:
   diffusers' GEGLU instead of fpq's one-pass kernel; ``_geglu_nocast``: fpq's GEGLU kernel without the next
-  Linear's fp8 cast; ``_plain_gn``: PyTorch's GroupNorm; ``_unfused``: both),
+  Linear's fp8 cast; ``_two_launch``: W4A8's activation cast and weight decode as two kernels; ``_plain_gn``:
+  PyTorch's GroupNorm; ``_unfused``: both),
   ``bf16_fused`` (the bf16 model with fpq's GEGLU and GroupNorm kernels: the part of fpq's gain a float model could
   have too) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
@@ -181,22 +182,24 @@ def torchao_copy(base):
 # ``fpq_w8a8_fp32acc`` = cuBLAS fp8 GEMMs without fast accumulation, ``fpq_w8a8_plain_geglu`` = diffusers' own GEGLU,
 # ``fpq_w8a8_plain_gn`` = PyTorch's GroupNorm, ``fpq_w8a8_unfused`` = both, ``fpq_w8a8_own_casts`` = every layer casts
 # its input itself (no cast shared between to_q/to_k/to_v), ``fpq_w8a8_geglu_nocast`` = the GEGLU kernel does not write
-# ff.net.2's fp8 input cast (that Linear casts its input itself).
+# ff.net.2's fp8 input cast (that Linear casts its input itself), ``fpq_w4a8_two_launch`` = a W4A8 Linear's activation
+# cast and weight decode as two kernels instead of one.
 VARIANT_SWITCHES = {"_fp32acc": {"fast_accum": False}, "_fastacc": {"fast_accum": True},
                     "_plain_geglu": {"fused_geglu": False}, "_plain_gn": {"fused_group_norm": False},
                     "_unfused": {"fused_geglu": False, "fused_group_norm": False},
-                    "_own_casts": {"share_casts": False}, "_geglu_nocast": {"geglu_cast": False}}
+                    "_own_casts": {"share_casts": False}, "_geglu_nocast": {"geglu_cast": False},
+                    "_two_launch": {"merge_cast_decode": False}}
 
 
 @contextlib.contextmanager
 def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, fused_group_norm=None,
-               share_casts=None, geglu_cast=None):
+               share_casts=None, geglu_cast=None, merge_cast_decode=None):
     from fpq_plugin.kernels import backend as kb
     from fpq_plugin.nn import fused_geglu as fg
     from fpq_plugin.nn import fused_group_norm as fgn
 
     old = (kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED, kb.SHARE_ACTIVATION_CASTS,
-           fg.CAST_FOR_NEXT_LINEAR)
+           fg.CAST_FOR_NEXT_LINEAR, kb.MERGE_CAST_DECODE)
     kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = method, conv_method
     if share_casts is not None:
         kb.SHARE_ACTIVATION_CASTS = share_casts
@@ -208,11 +211,13 @@ def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, 
         fgn.ENABLED = fused_group_norm
     if geglu_cast is not None:
         fg.CAST_FOR_NEXT_LINEAR = geglu_cast
+    if merge_cast_decode is not None:
+        kb.MERGE_CAST_DECODE = merge_cast_decode
     try:
         yield
     finally:
         (kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED,
-         kb.SHARE_ACTIVATION_CASTS, fg.CAST_FOR_NEXT_LINEAR) = old
+         kb.SHARE_ACTIVATION_CASTS, fg.CAST_FOR_NEXT_LINEAR, kb.MERGE_CAST_DECODE) = old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +231,7 @@ def call(variant, inp):
     with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode"),
                                         variant.get("fast_accum"), variant.get("fused_geglu"),
                                         variant.get("fused_group_norm"), variant.get("share_casts"),
-                                        variant.get("geglu_cast")):
+                                        variant.get("geglu_cast"), variant.get("merge_cast_decode")):
         return variant["model"](**inp, return_dict=False)[0]
 
 

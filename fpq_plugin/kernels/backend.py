@@ -367,10 +367,14 @@ def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
         if q is not None:
             return q
     q = _cast_once(x, st, grid_out)
+    _remember_cast(x, st, grid_out, q)
+    return q
+
+
+def _remember_cast(x: torch.Tensor, st: _State, grid_out: bool, q: torch.Tensor) -> None:
     if SHARE_ACTIVATION_CASTS and st.xs_value is not None:
         ver = _version(x)
         _LAST_CAST[0] = (x, ver, st.xs_value, st.act_dtype, grid_out, q) if ver >= 0 else None
-    return q
 
 
 def cast_ahead(layer, rows: int, k: int) -> _State | None:
@@ -412,6 +416,34 @@ def _cast_once(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
     if out and x.is_contiguous() and x.data_ptr() % 16 == 0:
         st.q_launch[(n, grid_out, x.dtype)] = out[0]
     return q
+
+
+# Module-wide switch: a W4A8 Linear's activation cast and weight decode in one launch (benchmarks compare with it off)
+MERGE_CAST_DECODE = True
+
+
+def _cast_and_decode4(layer, st: _State, x2: torch.Tensor):
+    """The fp8 operands of a 4-bit-weight Linear for cuBLAS: ``(_cast(x2), e4m3 bit patterns of the weight)``, in
+    one launch unless the cast is shared or the input is not 16-byte aligned (then two)."""
+    shared = _shared_cast(x2, st, False) if SHARE_ACTIVATION_CASTS else None
+    if shared is not None or not MERGE_CAST_DECODE or x2.data_ptr() % 16:
+        q = shared if shared is not None else _cast(x2, st, False)
+        return q, _decode(layer, st, torch.uint8, False)
+    n = x2.numel()
+    hit = st.q_launch.get(("cast+decode4", n, x2.dtype))
+    if hit is not None:
+        launch, ints = hit
+        q = torch.empty(x2.shape, dtype=st.act_dtype, device=x2.device)
+        w = torch.empty((st.n, st.k), dtype=torch.uint8, device=x2.device)
+        launch(st.dev, x2, q, st.xs, n, layer.weight_codes, st.lut8, w, *ints)
+    else:
+        lo: list = []
+        q, w = _ops().cast_and_decode4(x2, st.xs, layer.weight_codes, st.k, st.lut8, st.act_dtype, launch_out=lo)
+        if lo:
+            args, _ = _ops().cast_and_decode4_args(n, layer.weight_codes, st.lut8, w)
+            st.q_launch[("cast+decode4", n, x2.dtype)] = (lo[0], args[4:])
+    _remember_cast(x2, st, False, q)
+    return q, w
 
 
 def _decode(layer, st: _State, dtype: torch.dtype, fold: bool, taps: int = 1) -> torch.Tensor:
@@ -590,10 +622,12 @@ class Fp8Backend:
         if use_cublas:
             if not x2.is_contiguous():
                 x2 = x2.contiguous()
-            q = _cast(x2, st, False)
             w = st.w8
-            if w is None:
-                w = _decode(layer, st, torch.uint8, False).view(torch.float8_e4m3fn)
+            if w is None:  # 4-bit codes: decoded to e4m3 for this call
+                q, w = _cast_and_decode4(layer, st, x2)
+                w = w.view(torch.float8_e4m3fn)
+            else:
+                q = _cast(x2, st, False)
             try:
                 y = torch._scaled_mm(q, w.t(), scale_a=st.ones_m(m, x.device), scale_b=st.scale_b,
                                      bias=st.bias_as(x.dtype), out_dtype=x.dtype, use_fast_accum=FP8_FAST_ACCUM)

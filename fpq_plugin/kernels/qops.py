@@ -16,6 +16,8 @@
   bf16/fp16/fp32), so a bf16 GEMM/conv with a weight decoded with ``x_scale`` folded in computes the quantized layer.
 * ``fake_quantize_grid_channels_last`` and ``decode_weight(..., taps=KH*KW)``: the same for a conv, written in
   channels-last memory, which cuDNN's bf16/fp16 kernels use (on NCHW operands cuDNN transposes both per call).
+* ``cast_and_decode4``: ``quantize_fp8`` of an activation and the fp8 decode of a 4-bit weight in one launch (a
+  W4A8 Linear's two operands for cuBLAS: each alone is a small kernel whose fixed cost is most of its time).
 * ``relayout``: the plain NCHW <-> channels-last copy (a weight-only conv's input, a conv's output back to NCHW).
 
 Every kernel launch after the first of a given signature goes through :func:`_fast_launch` (a cached compiled
@@ -32,6 +34,8 @@ import os
 import torch
 
 __all__ = [
+    "cast_and_decode4",
+    "cast_and_decode4_reference",
     "decode_weight",
     "decode_weight_reference",
     "fake_quantize_grid",
@@ -77,6 +81,12 @@ def quantize_fp8_reference(x: torch.Tensor, x_scale: torch.Tensor, act_dtype=tor
     return (x.float() * torch.reciprocal(x_scale.float())).clamp(-fmax, fmax).to(act_dtype)
 
 
+def cast_and_decode4_reference(x, x_scale, codes, k, lut8, act_dtype=torch.float8_e4m3fn):
+    """Definition of :func:`cast_and_decode4`: ``(quantize_fp8_reference(x), raw 4-bit decode of codes)``."""
+    return (quantize_fp8_reference(x, x_scale, act_dtype),
+            decode_weight_reference(codes, k, lut8, bits4=True, dtype=torch.uint8))
+
+
 def fake_quantize_grid_reference(x: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn):
     return quantize_fp8_reference(x, x_scale, act_dtype).to(x.dtype)
 
@@ -98,11 +108,9 @@ def _cast_fp8(x, inv, CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.cons
         return v.to(tl.float8e4nv)
 
 
-def _quant_kernel(x_ptr, q_ptr, xs_ptr, numel,
-                  CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr, GRID_OUT: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """q = fp8(x / xs); GRID_OUT: store the fp8 value in q's (float) dtype instead."""
-    pid = tl.program_id(0)
+def _quant_block(x_ptr, q_ptr, xs_ptr, numel, pid, CLAMP: tl.constexpr, FMAX: tl.constexpr,
+                 ACT_E5M2: tl.constexpr, GRID_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements pid*BLOCK.. of q = fp8(x / xs); GRID_OUT: the fp8 value stored in q's (float) dtype instead."""
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     inv = tl.math.div_rn(1.0, tl.load(xs_ptr))
@@ -114,13 +122,42 @@ def _quant_kernel(x_ptr, q_ptr, xs_ptr, numel,
         tl.store(q_ptr + offs, q, mask=mask)
 
 
+def _quant_kernel(x_ptr, q_ptr, xs_ptr, numel,
+                  CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr, GRID_OUT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """q = fp8(x / xs); GRID_OUT: store the fp8 value in q's (float) dtype instead."""
+    _quant_block(x_ptr, q_ptr, xs_ptr, numel, tl.program_id(0), CLAMP, FMAX, ACT_E5M2, GRID_OUT, BLOCK)
+
+
 def _decode_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, N, K, KP, stride_c, stride_o,
                    BITS4: tl.constexpr, RAW: tl.constexpr, WS_PER_CHANNEL: tl.constexpr, HAS_ZP: tl.constexpr,
                    FOLD_XS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-    """One (BLOCK_N, BLOCK_J) tile of code bytes -> (BLOCK_N, BLOCK_J or 2*BLOCK_J) output elements. The table is
-    gathered from global memory (16 or 256 entries: L1-resident)."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    """Tile (program_id(0), program_id(1)) of the decoded weight (see _decode_tile)."""
+    _decode_tile(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, N, K, KP, stride_c, stride_o, tl.program_id(0),
+                 tl.program_id(1), BITS4, RAW, WS_PER_CHANNEL, HAS_ZP, FOLD_XS, BLOCK_N, BLOCK_J)
+
+
+def _cast_decode4_kernel(x_ptr, q_ptr, xs_ptr, numel, c_ptr, t_ptr, o_ptr, N, K, KP, stride_c, stride_o,
+                         CAST_PROGS, DECODE_COLS, CLAMP: tl.constexpr, FMAX: tl.constexpr, ACT_E5M2: tl.constexpr,
+                         QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One launch for a W4A8 layer's two operands: programs below CAST_PROGS cast the activation (q = fp8(x / xs)),
+    the rest decode the 4-bit weight to e4m3 bit patterns, DECODE_COLS tiles per row of tiles."""
+    pid = tl.program_id(0)
+    if pid < CAST_PROGS:
+        _quant_block(x_ptr, q_ptr, xs_ptr, numel, pid, CLAMP, FMAX, ACT_E5M2, False, QBLOCK)
+    else:
+        t = pid - CAST_PROGS
+        _decode_tile(c_ptr, t_ptr, t_ptr, t_ptr, t_ptr, o_ptr, N, K, KP, stride_c, stride_o, t // DECODE_COLS,
+                     t % DECODE_COLS, True, True, False, False, False, BLOCK_N, BLOCK_J)
+
+
+def _decode_tile(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, N, K, KP, stride_c, stride_o, pid_n, pid_j,
+                 BITS4: tl.constexpr, RAW: tl.constexpr, WS_PER_CHANNEL: tl.constexpr, HAS_ZP: tl.constexpr,
+                 FOLD_XS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Tile (pid_n, pid_j): (BLOCK_N, BLOCK_J) code bytes -> (BLOCK_N, BLOCK_J or 2*BLOCK_J) output elements. The
+    table is gathered from global memory (16 or 256 entries: L1-resident)."""
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     n_ok = rn < N
     c = tl.load(c_ptr + rn[:, None].to(tl.int64) * stride_c + rj[None, :], mask=n_ok[:, None] & (rj[None, :] < KP),
                 other=0)
@@ -143,7 +180,7 @@ def _decode_kernel(c_ptr, t_ptr, ws_ptr, zp_ptr, xs_ptr, o_ptr, N, K, KP, stride
             lo = lo * s[:, None]
             hi = hi * s[:, None]
         v = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_J))  # element (n, 2j + t) = (lo, hi)[t][n, j]
-        rk = tl.program_id(1) * (2 * BLOCK_J) + tl.arange(0, 2 * BLOCK_J)
+        rk = pid_j * (2 * BLOCK_J) + tl.arange(0, 2 * BLOCK_J)
     else:
         v = tl.load(t_ptr + c.to(tl.int32))
         if not RAW:
@@ -223,7 +260,8 @@ def _relayout_kernel(x_ptr, q_ptr, xs_ptr, b_ptr, C, HW,
 
 @functools.cache
 def _kernels():
-    global tl, _cast_fp8, _quant_kernel, _decode_kernel, _relayout_kernel, _decode_taps_last_kernel
+    global tl, _cast_fp8, _quant_block, _quant_kernel, _decode_tile, _decode_kernel, _cast_decode4_kernel
+    global _relayout_kernel, _decode_taps_last_kernel
     try:
         import triton
         import triton.language
@@ -235,8 +273,11 @@ def _kernels():
     # that sizes and row strides are multiples of 16, Triton cannot prove vector alignment and issues one 1-2 byte
     # access per element (the activation cast ran at 13 us per SDXL Linear, 3x its bytes). _fast_launch keys on
     # the same properties.
+    _quant_block = triton.jit(_quant_block)
     _quant_kernel = triton.jit(_quant_kernel)
+    _decode_tile = triton.jit(_decode_tile)
     _decode_kernel = triton.jit(_decode_kernel)
+    _cast_decode4_kernel = triton.jit(_cast_decode4_kernel)
     _decode_taps_last_kernel = triton.jit(_decode_taps_last_kernel)
     _relayout_kernel = triton.jit(_relayout_kernel)
     return triton, _quant_kernel, _decode_kernel
@@ -494,3 +535,37 @@ def decode_weight(codes, k, table, w_scale=None, zero_point=None, x_scale=None, 
     if launch_out is not None and ck is not None:
         launch_out.append((Launch(ck, grid, consts), args))
     return out
+
+
+_CD_QBLOCK, _CD_BLOCK_N, _CD_BLOCK_J, _CD_WARPS = 2048, 16, 128, 4
+
+
+def cast_and_decode4(x: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, k: int, lut8: torch.Tensor,
+                     act_dtype=torch.float8_e4m3fn, *, launch_out=None):
+    """Triton version of :func:`cast_and_decode4_reference` in one launch: ``(q, w)`` with ``q = fp8(x / x_scale)``
+    (``x`` contiguous, ``q`` of its shape) and ``w`` the ``(N, k)`` uint8 table entries ``lut8[code]`` of the packed
+    4-bit ``codes`` ``(N, ceil(k / 2))``. ``launch_out`` receives a :class:`Launch` for
+    ``launch(dev, x, q, x_scale, *args)`` with ``args`` from :func:`cast_and_decode4_args`."""
+    _check(x)
+    if not x.is_contiguous():
+        raise ValueError(f"cast_and_decode4 needs a contiguous activation, got strides {x.stride()}")
+    triton = _kernels()[0]
+    q = torch.empty_like(x, dtype=act_dtype)
+    w = torch.empty((codes.shape[0], k), dtype=torch.uint8, device=codes.device)
+    args, grid = cast_and_decode4_args(x.numel(), codes, lut8, w)
+    consts = dict(CLAMP=_interpreting(), FMAX=_FMAX[act_dtype], ACT_E5M2=act_dtype == torch.float8_e5m2,
+                  QBLOCK=_CD_QBLOCK, BLOCK_N=_CD_BLOCK_N, BLOCK_J=_CD_BLOCK_J)
+    if grid[0]:
+        ck = _fast_launch(_cast_decode4_kernel, grid, (x, q, x_scale, *args), consts, _CD_WARPS)
+        if launch_out is not None and ck is not None:
+            launch_out.append(Launch(ck, grid, consts))
+    return q, w
+
+
+def cast_and_decode4_args(numel: int, codes: torch.Tensor, lut8: torch.Tensor, w: torch.Tensor):
+    """The arguments after ``(x, q, x_scale)`` of the fused launch writing ``w``, and its grid."""
+    n, kp = codes.shape
+    cast_progs = -(-numel // _CD_QBLOCK)
+    cols = -(-kp // _CD_BLOCK_J)
+    grid = (cast_progs + -(-n // _CD_BLOCK_N) * cols,)
+    return (numel, codes, lut8, w, n, w.shape[1], kp, codes.stride(0), w.stride(0), cast_progs, cols), grid

@@ -190,6 +190,22 @@ def test_interp_decode_kernel_writes_a_channels_last_conv_weight(w):
 
 
 @interp
+@pytest.mark.parametrize("w", ["e2m1", "e1m2"])
+@pytest.mark.parametrize("m,c", [(5, 301), (64, 640)])
+def test_interp_cast_and_decode_in_one_launch(w, m, c):
+    """A W4A8 layer's two cuBLAS operands from one launch: the same bytes as the two separate kernels."""
+    lyr = make_layer("linear", w, "e4m3fn", n=37, c=c)
+    st = kb._State(lyr)
+    x = x_for(lyr, (m,), torch.bfloat16, "cpu")
+    q, wbits = qops.cast_and_decode4(x, st.xs, lyr.weight_codes, st.k, st.lut8)
+    assert torch.equal(wbits, qops.decode_weight(lyr.weight_codes, st.k, st.lut8, bits4=True, dtype=torch.uint8))
+    assert torch.equal(wbits.view(torch.float8_e4m3fn).float(), lyr.weight_grid_values())
+    assert torch.equal(q.view(torch.uint8), qops.quantize_fp8(x, st.xs).view(torch.uint8))
+    with pytest.raises(ValueError, match="contiguous"):
+        qops.cast_and_decode4(x.t(), st.xs, lyr.weight_codes, st.k, st.lut8)
+
+
+@interp
 def test_interp_activation_cast_to_channels_last():
     x = torch.randn(2, 70, 9, 11) * 3  # C and H*W not multiples of the 64x64 tiles
     xs = torch.tensor(0.01)
@@ -338,6 +354,33 @@ def test_gpu_activation_casts_bit_exact(act, dtype):
     assert back.is_contiguous() and torch.equal(back, xn)
     bias = torch.randn(xn.shape[1], device=xn.device).to(xn.dtype)
     assert torch.equal(qops.relayout(cl, False, bias=bias), xn + bias.view(1, -1, 1, 1))
+
+
+@gpu
+@needs_sm89
+@pytest.mark.parametrize("w", ["e2m1", "e3m0", "e1m2"])
+@pytest.mark.parametrize("act", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_gpu_cast_and_decode_bit_exact(w, act):
+    lyr = make_layer("linear", w, "e4m3fn", n=133, c=1283, device="cuda")
+    st = kb._State(lyr)
+    x = (torch.randn(37, 1283, device="cuda") * 4).to(torch.bfloat16)
+    q, wbits = qops.cast_and_decode4(x, st.xs, lyr.weight_codes, st.k, st.lut8, act)
+    rq, rw = qops.cast_and_decode4_reference(x, st.xs, lyr.weight_codes, st.k, st.lut8, act)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(wbits, rw)
+
+
+@gpu
+@needs_sm89
+@pytest.mark.parametrize("w", ["e2m1", "e1m2"])
+@pytest.mark.parametrize("m,n,c", [(256, 320, 640), (154, 1280, 768)])
+def test_gpu_w4a8_linear_is_the_same_with_one_or_two_launches(w, m, n, c, monkeypatch):
+    kb.register_kernel_backends()
+    lyr = make_layer("linear", w, "e4m3fn", n=n, c=c, device="cuda", seed=m)
+    x = x_for(lyr, (m,), torch.bfloat16, "cuda")
+    one = [get_backend("fp8").linear(lyr, x) for _ in range(2)]  # the second call: the cached launch
+    monkeypatch.setattr(kb, "MERGE_CAST_DECODE", False)
+    two = get_backend("fp8").linear(lyr, x)
+    assert torch.equal(one[0], two) and torch.equal(one[1], two)
 
 
 LINEAR_CASES = [("e4m3fn", "e4m3fn"), ("e2m1", "e4m3fn"), ("e3m0", "e4m3fn"), ("e1m2", "e4m3fn"),
