@@ -11,9 +11,10 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
   (RTN ``quantize_`` with absmax activation scales from one observed forward), the same models with one switch
   flipped (``<fpq variant>_fp32acc``: cuBLAS fp8 GEMMs without fast accumulation; ``<fpq variant>_plain_geglu``:
   diffusers' GEGLU instead of fpq's one-pass kernel; ``_geglu_nocast``: fpq's GEGLU kernel without the next
-  Linear's fp8 cast; ``_two_launch``: W4A8's activation cast and weight decode as two kernels; ``_plain_gn``:
+  Linear's fp8 cast; ``_two_launch``: W4A8's activation cast and weight decode as two kernels; ``_plain_ln``:
+  PyTorch's LayerNorm; ``_ln_nocast``: fpq's LayerNorm kernel without the consumer's fp8 cast; ``_plain_gn``:
   PyTorch's GroupNorm; ``_unfused``: both),
-  ``bf16_fused`` (the bf16 model with fpq's GEGLU and GroupNorm kernels: the part of fpq's gain a float model could
+  ``bf16_fused`` (the bf16 model with fpq's GEGLU, LayerNorm and GroupNorm kernels: the part of fpq's gain a float model could
   have too) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
@@ -183,41 +184,46 @@ def torchao_copy(base):
 # ``fpq_w8a8_plain_gn`` = PyTorch's GroupNorm, ``fpq_w8a8_unfused`` = both, ``fpq_w8a8_own_casts`` = every layer casts
 # its input itself (no cast shared between to_q/to_k/to_v), ``fpq_w8a8_geglu_nocast`` = the GEGLU kernel does not write
 # ff.net.2's fp8 input cast (that Linear casts its input itself), ``fpq_w4a8_two_launch`` = a W4A8 Linear's activation
-# cast and weight decode as two kernels instead of one.
+# cast and weight decode as two kernels instead of one, ``fpq_w8a8_plain_ln`` = PyTorch's LayerNorm,
+# ``fpq_w8a8_ln_nocast`` = fpq's LayerNorm kernel without the consumer's fp8 cast.
 VARIANT_SWITCHES = {"_fp32acc": {"fast_accum": False}, "_fastacc": {"fast_accum": True},
                     "_plain_geglu": {"fused_geglu": False}, "_plain_gn": {"fused_group_norm": False},
                     "_unfused": {"fused_geglu": False, "fused_group_norm": False},
                     "_own_casts": {"share_casts": False}, "_geglu_nocast": {"geglu_cast": False},
-                    "_two_launch": {"merge_cast_decode": False}}
+                    "_two_launch": {"merge_cast_decode": False},
+                    "_plain_ln": {"fused_layer_norm": False}, "_ln_nocast": {"ln_cast": False}}
+SWITCH_NAMES = {k for switch in VARIANT_SWITCHES.values() for k in switch}
 
 
-@contextlib.contextmanager
-def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, fused_group_norm=None,
-               share_casts=None, geglu_cast=None, merge_cast_decode=None):
+def _switch_targets() -> dict:
+    """Variant switch name -> (module, attribute) of the module-wide switch it sets."""
     from fpq_plugin.kernels import backend as kb
     from fpq_plugin.nn import fused_geglu as fg
     from fpq_plugin.nn import fused_group_norm as fgn
+    from fpq_plugin.nn import fused_layer_norm as fln
 
-    old = (kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED, kb.SHARE_ACTIVATION_CASTS,
-           fg.CAST_FOR_NEXT_LINEAR, kb.MERGE_CAST_DECODE)
-    kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD = method, conv_method
-    if share_casts is not None:
-        kb.SHARE_ACTIVATION_CASTS = share_casts
-    if fast_accum is not None:
-        kb.FP8_FAST_ACCUM = fast_accum
-    if fused_geglu is not None:
-        fg.ENABLED = fused_geglu
-    if fused_group_norm is not None:
-        fgn.ENABLED = fused_group_norm
-    if geglu_cast is not None:
-        fg.CAST_FOR_NEXT_LINEAR = geglu_cast
-    if merge_cast_decode is not None:
-        kb.MERGE_CAST_DECODE = merge_cast_decode
+    return {"fast_accum": (kb, "FP8_FAST_ACCUM"), "share_casts": (kb, "SHARE_ACTIVATION_CASTS"),
+            "merge_cast_decode": (kb, "MERGE_CAST_DECODE"), "fused_geglu": (fg, "ENABLED"),
+            "geglu_cast": (fg, "CAST_FOR_NEXT_LINEAR"), "fused_group_norm": (fgn, "ENABLED"),
+            "fused_layer_norm": (fln, "ENABLED"), "ln_cast": (fln, "CAST_FOR_CONSUMER")}
+
+
+@contextlib.contextmanager
+def fp8_method(method, conv_method="decode", **switches):
+    """Run with the fp8 backend's Linear/conv methods and the named switches (None: leave as is) set."""
+    from fpq_plugin.kernels import backend as kb
+
+    targets = _switch_targets()
+    settings = [(kb, "FP8_LINEAR_METHOD", method), (kb, "FP8_CONV_METHOD", conv_method)]
+    settings += [(*targets[k], v) for k, v in switches.items() if v is not None]
+    old = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in settings]
+    for mod, attr, value in settings:
+        setattr(mod, attr, value)
     try:
         yield
     finally:
-        (kb.FP8_LINEAR_METHOD, kb.FP8_CONV_METHOD, kb.FP8_FAST_ACCUM, fg.ENABLED, fgn.ENABLED,
-         kb.SHARE_ACTIVATION_CASTS, fg.CAST_FOR_NEXT_LINEAR, kb.MERGE_CAST_DECODE) = old
+        for mod, attr, value in old:
+            setattr(mod, attr, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,10 +234,8 @@ def fp8_method(method, conv_method="decode", fast_accum=None, fused_geglu=None, 
 def call(variant, inp):
     if variant.get("channels_last"):  # the latent arrives channels-last; every conv output then stays so
         inp = dict(inp, sample=inp["sample"].contiguous(memory_format=torch.channels_last))
-    with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode"),
-                                        variant.get("fast_accum"), variant.get("fused_geglu"),
-                                        variant.get("fused_group_norm"), variant.get("share_casts"),
-                                        variant.get("geglu_cast"), variant.get("merge_cast_decode")):
+    switches = {k: v for k, v in variant.items() if k in SWITCH_NAMES}
+    with torch.no_grad(), fp8_method(variant.get("method", "auto"), variant.get("conv_method", "decode"), **switches):
         return variant["model"](**inp, return_dict=False)[0]
 
 
@@ -515,14 +519,16 @@ def main():
             variants.append({"name": "bf16_cl", "model": copy.deepcopy(base).to(memory_format=torch.channels_last),
                              "channels_last": True})
             info["bf16_cl"] = dict(info["bf16"])
-        if "bf16_fused" in wanted:  # the bf16 model with fpq's GEGLU and GroupNorm kernels: the part of fpq's gain
-            from fpq_plugin.nn.fused_geglu import fuse_geglu  # that is those kernels, not quantization
+        if "bf16_fused" in wanted:  # the bf16 model with fpq's GEGLU, LayerNorm and GroupNorm kernels: the part of
+            from fpq_plugin.nn.fused_geglu import fuse_geglu  # fpq's gain that is those kernels, not quantization
             from fpq_plugin.nn.fused_group_norm import fuse_group_norm
+            from fpq_plugin.nn.fused_layer_norm import fuse_block_norm_for
 
             m = copy.deepcopy(base)
-            for mod in m.modules():
+            for mod_name, mod in list(m.named_modules()):
                 fuse_geglu(mod)
                 fuse_group_norm(mod)
+                fuse_block_norm_for(m, mod_name)
             variants.append({"name": "bf16_fused", "model": m})
             info["bf16_fused"] = dict(info["bf16"])
         need = set(wanted) | (set(args.compile_variants.split(",")) if args.compile_only else set())

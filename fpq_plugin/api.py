@@ -22,6 +22,7 @@ from torch import nn
 from fpq_plugin.errors import LayerQuantizationError
 from fpq_plugin.nn import QuantizedLayer, quantized_type_for
 from fpq_plugin.nn.fused_geglu import fuse_geglu, link_feed_forward
+from fpq_plugin.nn.fused_layer_norm import fuse_block_norm_for
 from fpq_plugin.nn.fused_group_norm import fuse_group_norms_beside
 from fpq_plugin.quantizers import QuantizedWeight, activation_params, choose_weight_format
 from fpq_plugin.recipes import Recipe, get_recipe
@@ -114,9 +115,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at the dotted path ``name``.
 
     Installing a quantized layer also gives its neighbours fpq's fused kernels: the GEGLU whose ``proj`` it is
-    (:mod:`fpq_plugin.nn.fused_geglu`) and the GroupNorms beside it (:mod:`fpq_plugin.nn.fused_group_norm`), so
-    every way of building a quantized model (quantize, the method, loading a checkpoint or a cache entry, the ComfyUI
-    nodes) gets them.
+    (:mod:`fpq_plugin.nn.fused_geglu`, linked to its feed-forward so that it can write the next Linear's FP8 input),
+    the transformer-block LayerNorm it reads (:mod:`fpq_plugin.nn.fused_layer_norm`) and the GroupNorms beside it
+    (:mod:`fpq_plugin.nn.fused_group_norm`), so every way of building a quantized model (quantize, the method,
+    loading a checkpoint or a cache entry, the ComfyUI nodes) gets them.
     """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -125,6 +127,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
         if child == "proj" and fuse_geglu(parent):
             ff_name = parent_name.rpartition(".")[0]
             link_feed_forward(model.get_submodule(ff_name) if ff_name else model, parent)
+        fuse_block_norm_for(model, name)
         fuse_group_norms_beside(parent)
 
 

@@ -207,7 +207,7 @@ def test_interp_cast_and_decode_in_one_launch(w, m, c):
 
 @interp
 def test_interp_activation_cast_to_channels_last():
-    x = torch.randn(2, 70, 9, 11) * 3  # C and H*W not multiples of the 64x64 tiles
+    x = torch.randn(2, 70, 9, 11, generator=torch.Generator().manual_seed(0)) * 3  # C, H*W: not multiples of 64
     xs = torch.tensor(0.01)
     got = qops.fake_quantize_grid_channels_last(x, xs)
     assert got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
@@ -221,7 +221,7 @@ def test_interp_activation_cast_to_channels_last():
 @interp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_interp_relayout_is_the_memory_format_copy(dtype):
-    x = (torch.randn(2, 70, 9, 11) * 3).to(dtype)  # C and H*W not multiples of the 64x64 tiles
+    x = (torch.randn(2, 70, 9, 11, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)  # C, H*W: not 64k
     cl = qops.relayout(x, True)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
     back = qops.relayout(cl, False)
@@ -256,7 +256,7 @@ def test_interp_channels_last_conv_path_equals_the_nchw_one(w, a, stride, monkey
 
 @interp
 def test_interp_activation_cast():
-    x = torch.randn(7, 333) * 3
+    x = torch.randn(7, 333, generator=torch.Generator().manual_seed(2)) * 3
     xs = torch.tensor(0.01)
     got = qops.quantize_fp8(x, xs).float()
     want = qops.quantize_fp8_reference(x, xs).float()
