@@ -418,8 +418,10 @@ def _cast_once(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
     return q
 
 
-# Module-wide switch: a W4A8 Linear's activation cast and weight decode in one launch (benchmarks compare with it off)
-MERGE_CAST_DECODE = True
+# Module-wide switch: a W4A8 Linear's activation cast and weight decode in one launch (benchmarks compare both). Off
+# until measured on a GPU (written and tested in the Triton interpreter in a session that got none; see
+# benchmarks/NOTES_GPU.md).
+MERGE_CAST_DECODE = False
 
 
 def _cast_and_decode4(layer, st: _State, x2: torch.Tensor):

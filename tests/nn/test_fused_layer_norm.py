@@ -108,6 +108,8 @@ def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_identical_results(mo
     unet = unet.to("cuda", torch.bfloat16)
     inputs = {k: (v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
                   v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    monkeypatch.setattr(fln, "ENABLED", True)  # off by default until measured on a GPU
+    monkeypatch.setattr(fln, "CAST_FOR_CONSUMER", True)
     casts, fused = [], []
     real_cast, real_fused = kb._cast_once, kln.layer_norm_and_cast
     monkeypatch.setattr(kb, "_cast_once", lambda *a: casts.append(1) or real_cast(*a))
