@@ -28,3 +28,9 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     reference, approx = reference.detach().double(), approx.detach().double()
     noise = (reference - approx).pow(2).mean()
     return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp_min(1e-30)))
+
+
+def inputs_to(inputs: dict, device, dtype: torch.dtype) -> dict:
+    """UNet call arguments moved to ``device``; floating-point tensors also cast to ``dtype``."""
+    return {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
+                v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}

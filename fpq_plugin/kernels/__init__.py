@@ -11,10 +11,11 @@
     Memory-bound helpers that let cuBLAS/cuDNN run quantized layers: per-call weight decode (16/256-entry table,
     scales folded in) and the one-pass static-scale activation cast, with pure-PyTorch references.
 
-``fpq_plugin.kernels.geglu``, ``fpq_plugin.kernels.group_norm``
-    One-pass GEGLU and a split-reduction GroupNorm for the float ops around quantized layers, where PyTorch's
-    kernels run far from the memory bandwidth (installed by :mod:`fpq_plugin.nn.fused_geglu` and
-    :mod:`fpq_plugin.nn.fused_group_norm`).
+``fpq_plugin.kernels.geglu``, ``fpq_plugin.kernels.group_norm``, ``fpq_plugin.kernels.layer_norm``
+    One-pass GEGLU, a split-reduction GroupNorm and a one-pass LayerNorm for the float ops around quantized
+    layers, where PyTorch's kernels run far from the memory bandwidth (installed by :mod:`fpq_plugin.nn.fused_geglu`,
+    :mod:`fpq_plugin.nn.fused_group_norm` and :mod:`fpq_plugin.nn.fused_layer_norm`); the GEGLU and LayerNorm
+    kernels can also write the FP8 input of the quantized Linear that reads their output.
 
 ``fpq_plugin.kernels.backend``
     The ``fp8`` (sm_89+, FP8 tensor cores for Linear) and ``decode`` (any CUDA GPU) backends, registered for

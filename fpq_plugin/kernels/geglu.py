@@ -48,7 +48,7 @@ def geglu_supported(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _triton_ok()
 
 
-tl = None  # triton.language, bound by _kernel()
+tl = _cast_fp8 = None  # triton.language and qops' fp8 conversion, bound by _kernel()
 
 
 def _geglu_kernel(y_ptr, o_ptr, q_ptr, xs_ptr, HALF, WRITE_Q: tl.constexpr, CLAMP: tl.constexpr,
@@ -72,14 +72,8 @@ def _geglu_kernel(y_ptr, o_ptr, q_ptr, xs_ptr, HALF, WRITE_Q: tl.constexpr, CLAM
 
 @functools.cache
 def _kernel():
-    global tl, _geglu_kernel, _cast_fp8
-    import triton
-    import triton.language
-
-    qops._kernels()
-    tl = triton.language
-    _cast_fp8 = qops._cast_fp8  # the one fp8 conversion every activation cast uses (bit-equal casts)
-    _geglu_kernel = triton.jit(_geglu_kernel)
+    global _geglu_kernel
+    triton, _geglu_kernel = qops.jit_cast_writer(_geglu_kernel)
     return triton, _geglu_kernel
 
 
@@ -97,11 +91,7 @@ def geglu(y: torch.Tensor) -> torch.Tensor:
 def geglu_and_cast(y: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn):
     """Triton version of :func:`geglu_and_cast_reference`: ``(out, q)``, both contiguous ``(..., F)``, ``q`` of
     ``act_dtype``, in one pass over ``y``. ``x_scale``: the one-element fp32 scale of the consumer's input."""
-    if act_dtype not in qops._FMAX:
-        raise ValueError(f"GEGLU cast: act_dtype must be one of {sorted(map(str, qops._FMAX))}, got {act_dtype}")
-    if x_scale.numel() != 1 or x_scale.dtype != torch.float32 or x_scale.device != y.device:
-        raise ValueError(f"GEGLU cast: x_scale must be one fp32 element on {y.device} (a layer's input_scale), "
-                         f"got {x_scale.dtype} of shape {tuple(x_scale.shape)} on {x_scale.device}")
+    qops.check_cast_scale(x_scale, act_dtype, y.device, "GEGLU")
     return _launch(y, x_scale, act_dtype)
 
 

@@ -57,7 +57,7 @@ def layer_norm_supported(x: torch.Tensor, normalized_shape) -> bool:
     )
 
 
-tl = None  # triton.language, bound by _kernel()
+tl = _cast_fp8 = None  # triton.language and qops' fp8 conversion, bound by _kernel()
 
 
 def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, xs_ptr, ROWS, C, eps,
@@ -88,14 +88,8 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, xs_ptr, ROWS, C, eps,
 
 @functools.cache
 def _kernel():
-    global tl, _layer_norm_kernel, _cast_fp8
-    import triton
-    import triton.language
-
-    qops._kernels()
-    tl = triton.language
-    _cast_fp8 = qops._cast_fp8  # the one fp8 conversion every activation cast uses (bit-equal casts)
-    _layer_norm_kernel = triton.jit(_layer_norm_kernel)
+    global _layer_norm_kernel
+    triton, _layer_norm_kernel = qops.jit_cast_writer(_layer_norm_kernel)
     return triton, _layer_norm_kernel
 
 
@@ -108,11 +102,7 @@ def layer_norm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-5) -> to
 def layer_norm_and_cast(x, weight, bias, eps: float, x_scale: torch.Tensor, act_dtype=torch.float8_e4m3fn):
     """Triton version of :func:`layer_norm_and_cast_reference`: ``(out, q)`` of ``x``'s shape, ``q`` of
     ``act_dtype``, in one pass over ``x``. ``x_scale``: the one-element fp32 scale of the consumer's input."""
-    if act_dtype not in qops._FMAX:
-        raise ValueError(f"LayerNorm cast: act_dtype must be one of {sorted(map(str, qops._FMAX))}, got {act_dtype}")
-    if x_scale.numel() != 1 or x_scale.dtype != torch.float32 or x_scale.device != x.device:
-        raise ValueError(f"LayerNorm cast: x_scale must be one fp32 element on {x.device} (a layer's input_scale), "
-                         f"got {x_scale.dtype} of shape {tuple(x_scale.shape)} on {x_scale.device}")
+    qops.check_cast_scale(x_scale, act_dtype, x.device, "LayerNorm")
     return _launch(x, weight, bias, eps, x_scale, act_dtype)
 
 

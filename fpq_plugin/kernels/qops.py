@@ -283,6 +283,25 @@ def _kernels():
     return triton, _quant_kernel, _decode_kernel
 
 
+def jit_cast_writer(kernel):
+    """``(triton, triton.jit(kernel))`` for a kernel of another module that writes an activation cast with
+    ``_cast_fp8`` (the GEGLU and LayerNorm kernels): binds that module's ``tl`` and ``_cast_fp8`` first, so every
+    fp8 activation cast in fpq is the same conversion and a consumer may take it for its own."""
+    triton = _kernels()[0]
+    kernel.__globals__.update(tl=triton.language, _cast_fp8=_cast_fp8)
+    return triton, triton.jit(kernel)
+
+
+def check_cast_scale(x_scale: torch.Tensor, act_dtype, device, what: str) -> None:
+    """Raise ValueError (naming ``what``) unless ``act_dtype`` is an fp8 activation dtype and ``x_scale`` one fp32
+    element on ``device``, as a layer's ``input_scale`` is."""
+    if act_dtype not in _FMAX:
+        raise ValueError(f"{what} cast: act_dtype must be one of {sorted(map(str, _FMAX))}, got {act_dtype}")
+    if x_scale.numel() != 1 or x_scale.dtype != torch.float32 or x_scale.device != device:
+        raise ValueError(f"{what} cast: x_scale must be one fp32 element on {device} (a layer's input_scale), "
+                         f"got {x_scale.dtype} of shape {tuple(x_scale.shape)} on {x_scale.device}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launching
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ the class's forward unchanged.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from fpq_plugin.nn.instance_forward import has_forward, install_forward, remove_forward
+from fpq_plugin.nn.instance_forward import has_forward, install_forward, norm_call_is_plain, remove_forward
 
 __all__ = ["fuse_group_norm", "fuse_group_norms_beside", "is_fused_group_norm", "unfuse_group_norm"]
 
@@ -28,16 +27,8 @@ def _fused_forward(self, x, *args, **kwargs):
 
     if (
         ENABLED
-        and not args
-        and not kwargs
-        and isinstance(x, torch.Tensor)
-        and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        and norm_call_is_plain(self, x, args, kwargs)
         and group_norm_supported(x, self.num_groups)
-        # ComfyUI's GroupNorm casts offloaded weights or applies weight patches in its own forward
-        and not getattr(self, "comfy_cast_weights", False)
-        and not getattr(self, "weight_function", None)
-        and not getattr(self, "bias_function", None)
         and (self.weight is None or (self.weight.device == x.device and self.bias.device == x.device))
     ):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

@@ -24,7 +24,7 @@ import weakref
 import torch
 from torch import nn
 
-from fpq_plugin.nn.instance_forward import has_forward, install_forward, remove_forward
+from fpq_plugin.nn.instance_forward import has_forward, install_forward, norm_call_is_plain, remove_forward
 
 __all__ = ["fuse_block_norm_for", "is_fused_layer_norm", "unfuse_layer_norm"]
 
@@ -85,16 +85,8 @@ def _fused_forward(self, x, *args, **kwargs):
 
     if not (
         ENABLED
-        and not args
-        and not kwargs
-        and isinstance(x, torch.Tensor)
-        and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        and norm_call_is_plain(self, x, args, kwargs)
         and layer_norm_supported(x, self.normalized_shape)
-        # ComfyUI's LayerNorm casts offloaded weights or applies weight patches in its own forward
-        and not getattr(self, "comfy_cast_weights", False)
-        and not getattr(self, "weight_function", None)
-        and not getattr(self, "bias_function", None)
         # parameters of another dtype or device (fp32 norms in a bf16 model) take PyTorch's mixed-type path
         and all(p is None or (p.device == x.device and p.dtype == x.dtype) for p in (self.weight, self.bias))
     ):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-__all__ = ["has_forward", "install_forward", "remove_forward"]
+__all__ = ["has_forward", "install_forward", "norm_call_is_plain", "remove_forward"]
 
 
 def install_forward(module: nn.Module, flag: str, forward: Callable) -> None:
@@ -30,3 +31,19 @@ def remove_forward(module: nn.Module, flag: str) -> None:
 
 def has_forward(module: nn.Module, flag: str) -> bool:
     return bool(getattr(module, flag, False))
+
+
+def norm_call_is_plain(module: nn.Module, x, args: tuple, kwargs: dict) -> bool:
+    """Whether a norm's call is the plain inference call a fused kernel may replace: one tensor argument, no
+    ``torch.compile`` tracing (Inductor fuses the norm itself), no autograd, and not a ComfyUI norm that casts offloaded
+    weights or applies weight patches in its own forward."""
+    return (
+        not args
+        and not kwargs
+        and isinstance(x, torch.Tensor)
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+        and not getattr(module, "comfy_cast_weights", False)
+        and not getattr(module, "weight_function", None)
+        and not getattr(module, "bias_function", None)
+    )

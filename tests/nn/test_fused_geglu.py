@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from helpers import inputs_to
 from diffusers.models.activations import GEGLU
 from torch import nn
 
@@ -105,8 +106,7 @@ def test_a_quantized_unet_on_the_gpu_gives_the_same_output_fused_or_not(monkeypa
     unet = build_unet("tiny", seed=0).to("cuda", torch.bfloat16)
     quantize_(unet, "w8a16")
     inputs = example_unet_inputs(unet, batch=2, height=16, width=16)
-    inputs = {k: (v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
-                  v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    inputs = inputs_to(inputs, "cuda", torch.bfloat16)
     calls = []
     from fpq_plugin.kernels import geglu as kg
 
@@ -187,8 +187,7 @@ def test_the_geglu_writes_the_next_linears_cast_with_identical_results(monkeypat
 
     unet, inputs = _w8a8_unet()
     unet = unet.to("cuda", torch.bfloat16)
-    inputs = {k: (v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
-                  v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    inputs = inputs_to(inputs, "cuda", torch.bfloat16)
     monkeypatch.setattr(fg, "CAST_FOR_NEXT_LINEAR", True)  # off by default until measured on a GPU
     casts, fused = [], []
     real_cast, real_fused = kb._cast_once, kg.geglu_and_cast

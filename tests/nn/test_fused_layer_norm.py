@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import inputs_to
 from torch import nn
 
 from fpq_plugin.api import quantize_
@@ -106,8 +107,7 @@ def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_identical_results(mo
 
     unet, inputs = _w8a8_unet()
     unet = unet.to("cuda", torch.bfloat16)
-    inputs = {k: (v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
-                  v.to("cuda") if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    inputs = inputs_to(inputs, "cuda", torch.bfloat16)
     monkeypatch.setattr(fln, "ENABLED", True)  # off by default until measured on a GPU
     monkeypatch.setattr(fln, "CAST_FOR_CONSUMER", True)
     casts, fused = [], []
