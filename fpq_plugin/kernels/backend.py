@@ -427,10 +427,11 @@ MERGE_CAST_DECODE = False
 def _cast_and_decode4(layer, st: _State, x2: torch.Tensor):
     """The fp8 operands of a 4-bit-weight Linear for cuBLAS: ``(_cast(x2), e4m3 bit patterns of the weight)``, in
     one launch unless the cast is shared or the input is not 16-byte aligned (then two)."""
+    if not MERGE_CAST_DECODE or x2.data_ptr() % 16:
+        return _cast(x2, st, False), _decode(layer, st, torch.uint8, False)
     shared = _shared_cast(x2, st, False) if SHARE_ACTIVATION_CASTS else None
-    if shared is not None or not MERGE_CAST_DECODE or x2.data_ptr() % 16:
-        q = shared if shared is not None else _cast(x2, st, False)
-        return q, _decode(layer, st, torch.uint8, False)
+    if shared is not None:
+        return shared, _decode(layer, st, torch.uint8, False)
     n = x2.numel()
     hit = st.q_launch.get(("cast+decode4", n, x2.dtype))
     if hit is not None:

@@ -206,6 +206,24 @@ def test_interp_cast_and_decode_in_one_launch(w, m, c):
 
 
 @interp
+def test_interp_w4a8_operands_in_one_or_two_launches(monkeypatch):
+    """The backend's W4A8 operand step: merged or not, the same bytes; a cast shared from the previous layer is
+    used as it is (only the weight is decoded)."""
+    lyr = make_layer("linear", "e2m1", "e4m3fn", n=48, c=96)
+    st = kb._State(lyr)
+    x = x_for(lyr, (8,), torch.bfloat16, "cpu")
+    monkeypatch.setattr(kb, "_LAST_CAST", [None])
+    monkeypatch.setattr(kb, "MERGE_CAST_DECODE", False)
+    q2, w2 = kb._cast_and_decode4(lyr, st, x)
+    monkeypatch.setattr(kb, "_LAST_CAST", [None])
+    monkeypatch.setattr(kb, "MERGE_CAST_DECODE", True)
+    q1, w1 = kb._cast_and_decode4(lyr, st, x)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(w1, w2)
+    q_again, w_again = kb._cast_and_decode4(lyr, st, x)  # same tensor, same scale: the remembered cast
+    assert q_again is q1 and torch.equal(w_again, w1)
+
+
+@interp
 def test_interp_activation_cast_to_channels_last():
     x = torch.randn(2, 70, 9, 11, generator=torch.Generator().manual_seed(0)) * 3  # C, H*W: not multiples of 64
     xs = torch.tensor(0.01)
