@@ -34,3 +34,11 @@ def inputs_to(inputs: dict, device, dtype: torch.dtype) -> dict:
     """UNet call arguments moved to ``device``; floating-point tensors also cast to ``dtype``."""
     return {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
                 v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends to the returned list, then runs the real function."""
+    real = getattr(module, name)
+    calls: list = []
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import inputs_to
+from helpers import count_calls, inputs_to
 from diffusers.models.activations import GEGLU
 from torch import nn
 
@@ -189,10 +189,7 @@ def test_the_geglu_writes_the_next_linears_cast_with_identical_results(monkeypat
     unet = unet.to("cuda", torch.bfloat16)
     inputs = inputs_to(inputs, "cuda", torch.bfloat16)
     monkeypatch.setattr(fg, "CAST_FOR_NEXT_LINEAR", True)  # off by default until measured on a GPU
-    casts, fused = [], []
-    real_cast, real_fused = kb._cast_once, kg.geglu_and_cast
-    monkeypatch.setattr(kb, "_cast_once", lambda *a: casts.append(1) or real_cast(*a))
-    monkeypatch.setattr(kg, "geglu_and_cast", lambda *a: fused.append(1) or real_fused(*a))
+    casts, fused = count_calls(monkeypatch, kb, "_cast_once"), count_calls(monkeypatch, kg, "geglu_and_cast")
     grad_mode = torch.inference_mode() if inference_mode else torch.no_grad()
     with grad_mode:
         unet(**inputs)  # first call: each layer resolves its backend

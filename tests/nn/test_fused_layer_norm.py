@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import inputs_to
+from helpers import count_calls, inputs_to
 from torch import nn
 
 from fpq_plugin.api import quantize_
@@ -110,10 +110,7 @@ def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_identical_results(mo
     inputs = inputs_to(inputs, "cuda", torch.bfloat16)
     monkeypatch.setattr(fln, "ENABLED", True)  # off by default until measured on a GPU
     monkeypatch.setattr(fln, "CAST_FOR_CONSUMER", True)
-    casts, fused = [], []
-    real_cast, real_fused = kb._cast_once, kln.layer_norm_and_cast
-    monkeypatch.setattr(kb, "_cast_once", lambda *a: casts.append(1) or real_cast(*a))
-    monkeypatch.setattr(kln, "layer_norm_and_cast", lambda *a: fused.append(1) or real_fused(*a))
+    casts, fused = count_calls(monkeypatch, kb, "_cast_once"), count_calls(monkeypatch, kln, "layer_norm_and_cast")
     with torch.no_grad():
         unet(**inputs)  # first call: each layer resolves its backend
         casts.clear(), fused.clear()
