@@ -11,11 +11,12 @@ Random-weight UNets with the real SD1.5 (batch 2, 512x512 -> 64x64 latent) and S
   (RTN ``quantize_`` with absmax activation scales from one observed forward), the same models with one switch
   flipped (``<fpq variant>_fp32acc``: cuBLAS fp8 GEMMs without fast accumulation; ``<fpq variant>_plain_geglu``:
   diffusers' GEGLU instead of fpq's one-pass kernel; ``_plain_gn``: PyTorch's GroupNorm; ``_unfused``: both;
-  switches not yet on by default: ``_geglu_cast`` (the GEGLU kernel writes the next Linear's fp8 input),
-  ``_fused_ln`` / ``_ln_cast`` (fpq's LayerNorm kernel, without / with its consumer's fp8 cast), ``_one_launch``
-  (W4A8's activation cast and weight decode in one kernel), ``_new_fusions`` (all four)),
-  ``bf16_fused`` (the bf16 model with fpq's GEGLU and GroupNorm kernels, and its LayerNorm kernel where that is
-  switched on: the part of fpq's gain a float model could have too) and ``torchao_fp8_row``
+  ``_no_geglu_cast`` (the GEGLU kernel does not write the next Linear's fp8 input), ``_plain_ln`` (PyTorch's
+  LayerNorm on the transformer blocks), ``_ln_no_cast`` (fpq's LayerNorm kernel without its consumer's fp8 cast),
+  ``_two_launch`` (W4A8's activation cast and weight decode in two kernels), ``_before_ln`` (all four: the defaults
+  before 2026-12-07)),
+  ``bf16_fused`` (the bf16 model with fpq's GEGLU, GroupNorm and LayerNorm kernels: the part of fpq's gain a float
+  model could have too) and ``torchao_fp8_row``
   (torchao float8 dynamic activation, per-row scales, Linear only) when torchao imports;
 * eager latency: median of CUDA-event timings, variants interleaved round-robin (ratios inside one process; the VM's
   host speed drifts between processes);
@@ -182,20 +183,19 @@ def torchao_copy(base):
 # Variant-name suffixes that run an fpq model with one switch flipped (same model object, same process):
 # ``fpq_w8a8_fp32acc`` = cuBLAS fp8 GEMMs without fast accumulation, ``fpq_w8a8_plain_geglu`` = diffusers' own GEGLU,
 # ``fpq_w8a8_plain_gn`` = PyTorch's GroupNorm, ``fpq_w8a8_unfused`` = both, ``fpq_w8a8_own_casts`` = every layer casts
-# its input itself (no cast shared between to_q/to_k/to_v). Switches still off by default (not yet measured on a GPU),
-# on in these variants: ``fpq_w8a8_geglu_cast`` = the GEGLU kernel also writes ff.net.2's fp8 input cast,
-# ``fpq_w8a8_fused_ln`` = fpq's LayerNorm kernel on the transformer blocks' norms, ``fpq_w8a8_ln_cast`` = the same
-# kernel also writing its consumer's fp8 cast, ``fpq_w4a8_one_launch`` = a W4A8 Linear's activation cast and weight
-# decode in one kernel, ``<variant>_new_fusions`` = all four.
+# its input itself (no cast shared between to_q/to_k/to_v), ``_no_geglu_cast`` = ff.net.2 casts its input itself,
+# ``_plain_ln`` = PyTorch's LayerNorm on the transformer blocks' norms, ``_ln_no_cast`` = fpq's LayerNorm kernel
+# without its consumer's fp8 cast, ``fpq_w4a8_two_launch`` = a W4A8 Linear's activation cast and weight decode in
+# two kernels, ``_before_ln`` = all four (the defaults until these were measured on 2026-12-07; earlier JSONs name
+# the opposite variants ``_geglu_cast``, ``_fused_ln``, ``_ln_cast``, ``_one_launch``, ``_new_fusions``).
 VARIANT_SWITCHES = {"_fp32acc": {"fast_accum": False}, "_fastacc": {"fast_accum": True},
                     "_plain_geglu": {"fused_geglu": False}, "_plain_gn": {"fused_group_norm": False},
                     "_unfused": {"fused_geglu": False, "fused_group_norm": False},
-                    "_own_casts": {"share_casts": False}, "_geglu_cast": {"geglu_cast": True},
-                    "_fused_ln": {"fused_layer_norm": True, "ln_cast": False},
-                    "_ln_cast": {"fused_layer_norm": True, "ln_cast": True},
-                    "_one_launch": {"merge_cast_decode": True},
-                    "_new_fusions": {"geglu_cast": True, "fused_layer_norm": True, "ln_cast": True,
-                                     "merge_cast_decode": True}}
+                    "_own_casts": {"share_casts": False}, "_no_geglu_cast": {"geglu_cast": False},
+                    "_plain_ln": {"fused_layer_norm": False},
+                    "_ln_no_cast": {"ln_cast": False},
+                    "_two_launch": {"merge_cast_decode": False},
+                    "_before_ln": {"geglu_cast": False, "fused_layer_norm": False, "merge_cast_decode": False}}
 SWITCH_NAMES = {k for switch in VARIANT_SWITCHES.values() for k in switch}
 
 

@@ -32,6 +32,9 @@ from fpq_plugin.quantizers import QuantizedWeight
 #: (ComfyUI offloads a model to free VRAM; a cache holding the GPU copies would keep it in use).
 ON_MOVE: list[Callable[[QuantizedLayer], None]] = []
 
+#: Buffers that stay fp32 whatever dtype the model is cast to.
+FP32_BUFFERS = frozenset({"weight_scale", "weight_zero_point", "input_scale", "input_zero_point"})
+
 
 class TraceSpec(NamedTuple):
     """A layer's formats as plain constants, for the code ``torch.compile`` traces.
@@ -64,7 +67,15 @@ class QuantizedLayer(nn.Module):
     kind: str = ""
 
     def _apply(self, fn, recurse: bool = True):
+        # ``.to(torch.bfloat16)`` / ``.half()`` cast every floating tensor; the scales and zero points must stay
+        # fp32 (the kernels read them as fp32, and a bf16 scale would move every quantization grid point). They
+        # follow the move's device but keep their dtype and exact values, taken from the tensors before the cast.
+        before = {n: b for n, b in self._buffers.items() if n in FP32_BUFFERS and b is not None}
         out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != old.dtype:
+                self._buffers[name] = old.to(moved.device)
         for release in ON_MOVE:
             release(self)
         return out

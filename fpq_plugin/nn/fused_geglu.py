@@ -11,8 +11,8 @@ When the GEGLU starts a feed-forward ``[GEGLU, Dropout, Linear]`` run in order (
 is a ``ModuleList`` its ``forward`` loops over, ComfyUI's a ``Sequential``) whose Linear is a quantized layer that
 will cast its input to FP8 with a static scale, the kernel also writes that cast (:func:`fpq_plugin.kernels.geglu.geglu_and_cast`) and offers it to the Linear through
 the kernel backend's shared-cast memo, which checks address, layout, version and scale before using it. The link
-from a GEGLU to its container is made by :func:`link_feed_forward` (``api.set_submodule`` calls it). This cast is
-off by default (:data:`CAST_FOR_NEXT_LINEAR`) until it has been measured on a GPU.
+from a GEGLU to its container is made by :func:`link_feed_forward` (``api.set_submodule`` calls it). Measured on an
+H100 (:data:`CAST_FOR_NEXT_LINEAR`): SDXL B2 W8A8 device time 33.47 -> 33.14 ms, SDXL B1 21.59 -> 21.36 ms.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ _KNOWN_GEGLU = {
 }
 _FLAG = "_fpq_fused_geglu"
 
-# Module-wide switches (benchmarks compare both settings; tests check both paths). CAST_FOR_NEXT_LINEAR is off until
-# it has been measured on a GPU: written and tested on the CPU (Triton interpreter) in a session that got no GPU;
-# benchmarks/NOTES_GPU.md says how to check it and switch it on.
+# Module-wide switches (benchmarks compare both settings; tests check both paths; benchmarks/NOTES_GPU.md has what
+# each measured).
 ENABLED = True
-CAST_FOR_NEXT_LINEAR = False
+CAST_FOR_NEXT_LINEAR = True
 
 _LINK = "_fpq_feed_forward"
 

@@ -13,8 +13,10 @@ layout, version and scale before the Linear uses it. Only for tensors with a ver
 mode): between a norm and its attention, ComfyUI runs optional patches that could write the tensor in place, which an
 inference tensor would not reveal. Without the offer the consumer casts for itself, as before.
 
-Off by default (:data:`ENABLED`) until measured on a GPU: the kernel was written and checked in the Triton
-interpreter in a session that got no GPU time.
+Measured on an H100 (W8A8 device time, :data:`ENABLED` and :data:`CAST_FOR_CONSUMER`): SDXL B2 33.47 -> 32.45 ms,
+SDXL B1 21.59 -> 20.78 ms, SD1.5 B2 9.27 -> 9.13 ms; most of it from the kernel itself (PyTorch's LayerNorm was
+~3.5x slower than its bytes need), the rest from the casts it writes. Its Python forward adds host time to eager
+calls (SDXL B2, synchronised per call: 96 -> 103 ms); the front doors replay CUDA graphs, which do not see it.
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ __all__ = ["fuse_block_norm_for", "is_fused_layer_norm", "unfuse_layer_norm"]
 _FLAG = "_fpq_fused_layer_norm"
 _LINK = "_fpq_norm_consumer"
 
-# Module-wide switches (benchmarks compare both settings; tests check both paths). Off until measured on a GPU:
-# written and tested on the CPU (Triton interpreter) in a session that got no GPU; benchmarks/NOTES_GPU.md says how
-# to check them and switch them on.
-ENABLED = False
+# Module-wide switches (benchmarks compare both settings; tests check both paths; benchmarks/NOTES_GPU.md has what
+# each measured).
+ENABLED = True
 CAST_FOR_CONSUMER = True
 
 # (module, class name) of the transformer blocks whose norm1/norm2/norm3 feed attn1/attn2/ff in that order.

@@ -6,7 +6,8 @@
 * GPU (``-m gpu``; CI has none, so they skip with that reason): against PyTorch's CUDA LayerNorm within one rounding
   of the output dtype plus 2^-20 of the normalised magnitude (the two sum the statistics in different orders), and
   most elements identical; the FP8 cast bit-identical to qops' activation cast of the kernel's own output and to
-  ``quantize_fp8_reference``.
+  ``quantize_fp8_reference`` (the normalised output of the casting variant is held to the same PyTorch bound, not
+  to bit equality with the plain variant: Triton compiles the two separately).
 """
 
 from __future__ import annotations
@@ -124,7 +125,12 @@ def test_cast_is_bit_identical_to_the_activation_cast_on_the_gpu(lead, c, act_dt
     x, w, b = _inputs(lead, c, torch.bfloat16, "cuda", seed=c)
     xs = torch.tensor(0.005 if act_dtype == torch.float8_e4m3fn else 1e-4, device="cuda")
     out, q = layer_norm_and_cast(x, w, b, 1e-5, xs, act_dtype)
-    assert torch.equal(out, layer_norm(x, w, b, 1e-5))
+    # A separate compilation from layer_norm's: Triton may lay the row reduction out differently, so a few outputs
+    # round to the neighbouring bf16 value (seen on an H100); both stay within the kernel's agreement with PyTorch.
+    plain = layer_norm(x, w, b, 1e-5)
+    ok, worst = _within(out, layer_norm_reference(x, w, b, 1e-5), torch.bfloat16, 1)
+    assert ok, worst
+    assert (out != plain).float().mean().item() < 0.05
     assert torch.equal(q.view(torch.uint8), qops.quantize_fp8(out, xs, act_dtype).view(torch.uint8))
     assert torch.equal(q.view(torch.uint8), qops.quantize_fp8_reference(out, xs, act_dtype).view(torch.uint8))
     assert (q.float().abs() == qops._FMAX[act_dtype]).any(), "no element saturated: the test lost its clamp case"

@@ -97,10 +97,10 @@ def test_deepcopy_links_the_copied_norm_to_the_copied_consumer():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
-def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_identical_results(monkeypatch):
+def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_agreeing_results(monkeypatch):
     """W8A8, bf16: the kernel runs on every block norm, the Linears reuse the casts it wrote (fewer cast kernels),
-    and the UNet output is bit-identical to the kernel without the cast; against PyTorch's LayerNorm within the
-    kernel's rounding agreement (far below the quantization error)."""
+    and the UNet output agrees with the kernel without the cast and with PyTorch's LayerNorm within the kernel's
+    rounding agreement (far below the quantization error)."""
     pytest.importorskip("triton")
     from fpq_plugin.kernels import backend as kb
     from fpq_plugin.kernels import layer_norm as kln
@@ -108,7 +108,7 @@ def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_identical_results(mo
     unet, inputs = _w8a8_unet()
     unet = unet.to("cuda", torch.bfloat16)
     inputs = inputs_to(inputs, "cuda", torch.bfloat16)
-    monkeypatch.setattr(fln, "ENABLED", True)  # off by default until measured on a GPU
+    monkeypatch.setattr(fln, "ENABLED", True)  # the default; set so the test checks this path whatever it is
     monkeypatch.setattr(fln, "CAST_FOR_CONSUMER", True)
     casts, fused = count_calls(monkeypatch, kb, "_cast_once"), count_calls(monkeypatch, kln, "layer_norm_and_cast")
     with torch.no_grad():
@@ -123,5 +123,8 @@ def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_identical_results(mo
         plain = unet(**inputs).sample
     assert n_fused == 3 * len(_blocks(unet)), "the LayerNorm kernel did not write the casts"
     assert len(casts) - n_casts == n_fused, "a consumer cast its input again"
-    assert torch.equal(with_cast, without)
-    assert (with_cast.float() - plain.float()).abs().max() <= 2**-5 * plain.float().abs().max()
+    # Not bit-identical to ``without``: the casting kernel is a separate compilation whose row sums may round a few
+    # outputs to the neighbouring bf16 value (tests/kernels/test_layer_norm.py); each consumer's cast is exactly
+    # its own cast of the norm's output, checked there.
+    for other in (without, plain):
+        assert (with_cast.float() - other.float()).abs().max() <= 2**-5 * other.float().abs().max()

@@ -127,3 +127,19 @@ def test_layers_move_and_cast_with_the_module() -> None:
     assert layer.bias.dtype == torch.bfloat16
     y = layer(randn(2, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("weight_format,act_format", [("e4m3fn", "e4m3fn"), ("int8", "int8"), ("e2m1", None)])
+@pytest.mark.parametrize("cast", ["bf16", "half", "double"])
+def test_casting_the_model_keeps_scales_and_zero_points_fp32_and_exact(weight_format, act_format, cast) -> None:
+    """``unet.to(torch.bfloat16)`` after quantizing is what diffusers and ComfyUI users do; the scales must not be
+    rounded to the model's dtype (the GPU kernels also require them fp32)."""
+    lin = nn.Linear(16, 8)
+    layer = build_quantized_layer(lin, _plan(lin, weight_format, act_format, randn(2, 16)))
+    before = {n: b.clone() for n, b in layer.named_buffers() if b.is_floating_point()}
+    assert before.keys() >= {"weight_scale"}
+    layer = {"bf16": lambda m: m.to(torch.bfloat16), "half": nn.Module.half, "double": nn.Module.double}[cast](layer)
+    for name, old in before.items():
+        now = getattr(layer, name)
+        assert now.dtype == torch.float32 and torch.equal(now, old), name
+    assert layer.bias.dtype == {"bf16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
