@@ -33,6 +33,13 @@ def has_forward(module: nn.Module, flag: str) -> bool:
     return bool(getattr(module, flag, False))
 
 
+def _set_attr(module: nn.Module, name: str):
+    """``getattr(module, name, None)`` for a plain attribute (instance, then class), without nn.Module's Python
+    ``__getattr__`` fallback, which a missing name goes through at ~1 us each (three per norm call on the host)."""
+    d = module.__dict__
+    return d[name] if name in d else getattr(type(module), name, None)
+
+
 def norm_call_is_plain(module: nn.Module, x, args: tuple, kwargs: dict) -> bool:
     """Whether a norm's call is the plain inference call a fused kernel may replace: one tensor argument, no
     ``torch.compile`` tracing (Inductor fuses the norm itself), no autograd, and not a ComfyUI norm that casts offloaded
@@ -43,7 +50,7 @@ def norm_call_is_plain(module: nn.Module, x, args: tuple, kwargs: dict) -> bool:
         and isinstance(x, torch.Tensor)
         and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
-        and not getattr(module, "comfy_cast_weights", False)
-        and not getattr(module, "weight_function", None)
-        and not getattr(module, "bias_function", None)
+        and not _set_attr(module, "comfy_cast_weights")
+        and not _set_attr(module, "weight_function")
+        and not _set_attr(module, "bias_function")
     )
