@@ -10,20 +10,28 @@ other entry (``sigmas``, ``sample_sigmas``, ``cond_or_uncond``, ``uuids``, and t
 
 from __future__ import annotations
 
+#: Replay graphs for calls with ControlNet residuals too. They are ordinary per-step tensors of fixed shapes (graph
+#: inputs, copied in like the latent); ComfyUI's UNet pops them off the lists it is handed, which the capture
+#: survives because each warm-up and the capture get fresh containers (cuda_graphs.GraphedForward). Off until a
+#: ComfyUI run with a real ControlNet has been measured on a GPU (the mechanism is GPU-tested in
+#: tests/integrations/test_cuda_graphs.py; no session with ComfyUI on a GPU has run it yet).
+GRAPH_CONTROLNET = False
+
 
 def comfyui_unet_check(args: tuple, kwargs: dict) -> str | None:
     """Why this call of ComfyUI's ``UNetModel.forward(x, timesteps, context, y, control, transformer_options)``
     must run eagerly, or None.
 
     A replay repeats the captured kernels, so anything that changes the computation from outside the arguments'
-    tensors has to keep the call eager: a ControlNet (its residuals come per step), attention or block patches
+    tensors has to keep the call eager: a ControlNet unless :data:`GRAPH_CONTROLNET` (its residuals are per-step
+    tensors the replay copies in), attention or block patches
     (IPAdapter, hypernetworks, FreeU...: ``patches`` / ``patches_replace``), diffusion-model wrappers, and an
     attention override. Without those, the UNet reads nothing from ``transformer_options`` that changes its
     math (it writes bookkeeping there for patches), which is why the graphs leave that argument out.
     """
     control = kwargs.get("control", args[4] if len(args) > 4 else None)
-    if control is not None:
-        return "a ControlNet is connected"
+    if control is not None and not GRAPH_CONTROLNET:
+        return "a ControlNet is connected (comfyui_graphs.GRAPH_CONTROLNET is off)"
     options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):

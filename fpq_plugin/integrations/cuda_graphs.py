@@ -301,8 +301,13 @@ class GraphedForward:
         device = key[2]
         inputs = [self._buffer(x, device) if isinstance(x, torch.Tensor) else None for x in leaves]
         static = [b if b is not None else x for b, x in zip(inputs, leaves)]
-        args, kwargs = pytree.tree_unflatten(static, spec)
-        kwargs = {**kwargs, **passed}
+
+        def run():
+            # Each run gets its own argument containers: a forward may consume them (ComfyUI's UNet pops each
+            # ControlNet residual off the lists it is given), and the next warm-up or the capture must see them whole.
+            args, kwargs = pytree.tree_unflatten(static, spec)
+            return self.forward(*args, **kwargs, **passed)
+
         if len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
             self.stats["evicted"] += 1
@@ -324,9 +329,9 @@ class GraphedForward:
                     if guarded and i == self.warmup - 1:
                         # the capture's code path exactly (int pointers), with every binder launch counted
                         with _capture_launches(), _binder_launches() as binder:
-                            self.forward(*args, **kwargs)
+                            run()
                     else:
-                        self.forward(*args, **kwargs)
+                        run()
             torch.cuda.current_stream(device).wait_stream(side)
             if guarded and binder[0]:
                 self._failed.add(key)
@@ -338,7 +343,7 @@ class GraphedForward:
             # thread_local: a server (ComfyUI) runs the sampler in a worker thread while its web thread may ask
             # the device for memory stats; those calls are not part of this capture and must not abort it.
             with _capture_launches(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self.forward(*args, **kwargs)
+                out = run()
         except Exception as e:  # noqa: BLE001 - any capture failure means: this signature runs eagerly
             self._failed.add(key)
             self.stats["failed"] += 1

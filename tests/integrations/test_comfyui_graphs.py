@@ -8,6 +8,7 @@ import uuid
 import pytest
 import torch
 
+from fpq_plugin.integrations import comfyui_graphs
 from fpq_plugin.integrations.comfyui_graphs import comfyui_unet_check
 
 
@@ -35,10 +36,13 @@ def test_patches_wrappers_and_overrides_keep_the_call_eager(change, reason) -> N
     assert reason in comfyui_unet_check((torch.zeros(1), torch.ones(1)), {"transformer_options": options})
 
 
-def test_a_controlnet_keeps_the_call_eager_by_keyword_or_position() -> None:
+def test_a_controlnet_keeps_the_call_eager_by_keyword_or_position_unless_switched_on(monkeypatch) -> None:
     control = {"input": [torch.zeros(1)], "middle": [], "output": []}
     assert "ControlNet" in comfyui_unet_check((torch.zeros(1), torch.ones(1)), {"control": control})
     assert "ControlNet" in comfyui_unet_check((torch.zeros(1), torch.ones(1), None, None, control), {})
+    monkeypatch.setattr(comfyui_graphs, "GRAPH_CONTROLNET", True)
+    assert comfyui_unet_check((torch.zeros(1), torch.ones(1)), {"control": control}) is None
+    assert comfyui_unet_check((torch.zeros(1), torch.ones(1), None, None, control), {}) is None
 
 
 def test_empty_patch_lists_do_not_count() -> None:

@@ -144,6 +144,68 @@ def test_replays_equal_the_eager_forward_bit_for_bit(fpq_unet, caplog) -> None:
     disable_cuda_graphs(unet)
 
 
+class _PoppingControlUNet(torch.nn.Module):
+    """A UNet fed ControlNet residuals the way ComfyUI's UNetModel takes them: popped off the lists of a dict it is
+    handed (diffusers' UNet takes them as tuples), so an eager call empties its argument's lists."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, control):
+        down = [control["input"].pop() for _ in range(len(control["input"]))][::-1]
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=tuple(down),
+                         mid_block_additional_residual=control["middle"].pop(), return_dict=False)[0]
+
+
+def _residual_shapes(unet, inputs):
+    """Shapes of the down-block skip tensors and the mid-block output, which ControlNet residuals match."""
+    shapes = []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, a, out: shapes.append(out.shape))]
+    for block in unet.down_blocks:
+        hooks.append(block.register_forward_hook(lambda m, a, out: shapes.extend(r.shape for r in out[1])))
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: shapes.append(out.shape)))
+    with torch.no_grad():
+        _call(unet, inputs)
+    for h in hooks:
+        h.remove()
+    return shapes[:-1], shapes[-1]
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_a_forward_that_consumes_its_argument_lists_captures_and_replays_exactly(fpq_unet) -> None:
+    """Each warm-up and the capture get fresh argument containers: before, the first warm-up's pops left the
+    second with empty lists, so the capture failed and ComfyUI's ControlNet calls could not be graphed."""
+    unet = fpq_unet
+    disable_cuda_graphs(unet)
+    model = _PoppingControlUNet(unet)
+    base = example_unet_inputs(unet, batch=2, seed=0)
+    down_shapes, mid_shape = _residual_shapes(unet, base)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def step(seed):
+        inp = example_unet_inputs(unet, batch=2, seed=seed)
+        res = [torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16) for s in down_shapes]
+        mid = torch.randn(mid_shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        return inp, res, mid
+
+    def control(res, mid):
+        return {"input": list(res), "middle": [mid], "output": []}
+
+    with torch.no_grad():
+        steps = [step(s) for s in range(3)]
+        want = [model(i["sample"], i["timestep"], i["encoder_hidden_states"], control(r, m)) for i, r, m in steps]
+        no_control = model(steps[0][0]["sample"], steps[0][0]["timestep"], steps[0][0]["encoder_hidden_states"],
+                           control([torch.zeros_like(t) for t in steps[0][1]], torch.zeros_like(steps[0][2])))
+        graphed = enable_cuda_graphs(model)
+        got = [model(i["sample"], i["timestep"], i["encoder_hidden_states"], control(r, m)) for i, r, m in steps]
+    disable_cuda_graphs(model)
+    assert graphed.stats["failed"] == 0 and graphed.stats["capture"] == 1 and graphed.stats["replay"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(got[0], no_control)  # the residuals reached the captured graph
+
+
 @needs_cuda
 @pytest.mark.gpu
 def test_a_new_shape_captures_again_and_old_graphs_are_evicted(fpq_unet) -> None:
