@@ -179,7 +179,7 @@ def test_a_forward_that_consumes_its_argument_lists_captures_and_replays_exactly
     second with empty lists, so the capture failed and ComfyUI's ControlNet calls could not be graphed."""
     unet = fpq_unet
     disable_cuda_graphs(unet)
-    model = _PoppingControlUNet(unet)
+    model = _PoppingControlUNet(unet).eval()
     base = example_unet_inputs(unet, batch=2, seed=0)
     down_shapes, mid_shape = _residual_shapes(unet, base)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -201,7 +201,8 @@ def test_a_forward_that_consumes_its_argument_lists_captures_and_replays_exactly
         graphed = enable_cuda_graphs(model)
         got = [model(i["sample"], i["timestep"], i["encoder_hidden_states"], control(r, m)) for i, r, m in steps]
     disable_cuda_graphs(model)
-    assert graphed.stats["failed"] == 0 and graphed.stats["capture"] == 1 and graphed.stats["replay"] == 3
+    assert graphed.stats["failed"] == 0 and graphed.stats["capture"] == 1 and graphed.stats["replay"] == 3, \
+        graphed.stats
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not torch.equal(got[0], no_control)  # the residuals reached the captured graph
 

@@ -121,7 +121,7 @@ def test_on_the_gpu_the_norm_writes_the_consumers_cast_with_agreeing_results(mon
         without = unet(**inputs).sample
         monkeypatch.setattr(fln, "ENABLED", False)
         plain = unet(**inputs).sample
-    assert n_fused == 3 * len(_blocks(unet)), "the LayerNorm kernel did not write the casts"
+    assert n_fused == 3 * len(_blocks(unet)), f"the LayerNorm kernel wrote {n_fused} casts"
     assert len(casts) - n_casts == n_fused, "a consumer cast its input again"
     # Not bit-identical to ``without``: the casting kernel is a separate compilation whose row sums may round a few
     # outputs to the neighbouring bf16 value (tests/kernels/test_layer_norm.py); each consumer's cast is exactly
