@@ -45,8 +45,9 @@ _FLOAT_X = (torch.bfloat16, torch.float16, torch.float32)
 FP8_LINEAR_METHOD = "auto"
 # "decode" | "implicit_gemm": how the fp8 backend runs a Conv2d. "implicit_gemm" (fp8_conv: the activation cast
 # fused into the A-tile gather, FP8 tensor cores) is 1.5-2.3x faster than decode per conv on channels-last inputs
-# (H200, conv_kernels_h200.json) but made the UNet slower while it gathered NCHW activations in place; it now copies
-# them to channels-last first, which is not yet measured, so it stays opt-in (bench_unet.py's fpq_w8a8_igemm).
+# (H200, conv_kernels_h200.json) but made the UNet slower while it gathered NCHW activations in place; copying them to
+# channels-last first brings the UNet level with decode, no better (unet_h200_igemm_clcopy.json: SD1.5 B2 15.38 vs
+# 15.23 ms), so it stays opt-in (bench_unet.py's fpq_w8a8_igemm) until the producer writes channels-last fp8 itself.
 FP8_CONV_METHOD = "decode"
 # The decode path's 3x3 (any KH*KW > 1) bf16/fp16 convs on NCHW inputs: decode the weight and cast the activation
 # straight into channels-last memory, so cuDNN's NHWC kernels get their layout without transposing input and weight
