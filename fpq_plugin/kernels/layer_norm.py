@@ -1,4 +1,4 @@
-"""LayerNorm over the last dimension of a contiguous bf16/fp16 tensor in one Triton pass, with the PyTorch reference.
+"""LayerNorm over the last dimension of a bf16/fp16 tensor in one Triton pass, with the PyTorch reference.
 
 Why: a transformer block's three LayerNorms feed quantized Linears (``attn1.to_q``/``to_k``/``to_v``, ``attn2.to_q``,
 ``ff``'s GEGLU projection). PyTorch's CUDA LayerNorm took 1.9 ms of SDXL's W8A8 forward (batch 2, 1024x1024, 210
@@ -43,8 +43,11 @@ def layer_norm_and_cast_reference(x, weight, bias, eps, x_scale, act_dtype=torch
 
 
 def layer_norm_supported(x: torch.Tensor, normalized_shape) -> bool:
-    """Whether :func:`layer_norm` can run ``x`` normalised over ``normalized_shape`` (its last dimension only;
-    contiguous CUDA bf16/fp16; rows up to :data:`MAX_C` wide)."""
+    """Whether :func:`layer_norm` can run ``x`` normalised over ``normalized_shape`` (its last dimension only; CUDA
+    bf16/fp16; rows up to :data:`MAX_C` wide). Any layout: a non-contiguous ``x`` is copied first, as PyTorch's
+    LayerNorm copies it too. (SD1.5's transformer blocks get exactly that: ``proj_in`` is a 1x1 conv whose NCHW
+    output is permuted and reshaped to ``(B, HW, C)`` as a view with the channels HW apart, so norm1 sees a
+    transposed tensor; refusing those left norm1 of every block on PyTorch's kernel, without the consumer's cast.)"""
     return (
         x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
@@ -52,7 +55,6 @@ def layer_norm_supported(x: torch.Tensor, normalized_shape) -> bool:
         and x.dim() >= 1
         and x.shape[-1] == normalized_shape[0]
         and 0 < x.shape[-1] <= MAX_C
-        and x.is_contiguous()
         and _triton_ok()
     )
 

@@ -3,7 +3,7 @@
 Which ones: the ``norm1`` / ``norm2`` / ``norm3`` of a transformer block (diffusers' ``BasicTransformerBlock`` and
 ComfyUI's) whose consumer fpq quantized: ``attn1.to_q``, ``attn2.to_q`` and ``ff.net.0.proj`` read those norms'
 outputs first. :func:`fpq_plugin.api.set_submodule` calls :func:`fuse_block_norm_for` whenever it installs a quantized
-layer. The norm gets an instance forward; inputs the kernel does not cover (CPU, fp32, non-contiguous, autograd,
+layer. The norm gets an instance forward; inputs the kernel does not cover (CPU, fp32, autograd,
 ``torch.compile`` tracing, a ComfyUI LayerNorm that casts offloaded weights or carries weight patches) run the
 class's forward unchanged.
 

@@ -64,6 +64,9 @@ def test_what_the_kernel_supports():
         assert layer_norm_supported(xc, (8,))
         assert not layer_norm_supported(xc, (2, 8))  # normalised over two dimensions
         assert not layer_norm_supported(xc.float(), (8,))
+        # SD1.5's norm1 input: a 1x1 conv's NCHW output permuted and reshaped to (B, HW, C), a transposed view
+        nchw = torch.ones(2, 8, 4, 4, device="cuda", dtype=torch.bfloat16)
+        assert layer_norm_supported(nchw.permute(0, 2, 3, 1).reshape(2, 16, 8), (8,))
         assert not layer_norm_supported(torch.ones(2, MAX_C + 1, device="cuda", dtype=torch.bfloat16), (MAX_C + 1,))
 
 
