@@ -33,7 +33,7 @@ def has_forward(module: nn.Module, flag: str) -> bool:
     return bool(getattr(module, flag, False))
 
 
-def _set_attr(module: nn.Module, name: str):
+def _plain_attr(module: nn.Module, name: str):
     """``getattr(module, name, None)`` for a plain attribute (instance, then class), without nn.Module's Python
     ``__getattr__`` fallback, which a missing name goes through at ~1 us each (three per norm call on the host)."""
     d = module.__dict__
@@ -50,7 +50,7 @@ def norm_call_is_plain(module: nn.Module, x, args: tuple, kwargs: dict) -> bool:
         and isinstance(x, torch.Tensor)
         and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
-        and not _set_attr(module, "comfy_cast_weights")
-        and not _set_attr(module, "weight_function")
-        and not _set_attr(module, "bias_function")
+        and not _plain_attr(module, "comfy_cast_weights")
+        and not _plain_attr(module, "weight_function")
+        and not _plain_attr(module, "bias_function")
     )
