@@ -15,6 +15,9 @@ Writes under ``--models-dir`` (seeded, so the files are the same on every run):
 * ``loras/tiny_lora.safetensors``: a rank-4 LoRA in the kohya layout on every attention and feed-forward Linear.
 * ``diffusion_models/tiny_sd15_unet_comfy_fp8.safetensors`` (ComfyUI >= 0.8 only): the UNet in ComfyUI's own
   ``comfy_quant`` FP8 format, which fpq must refuse to quantize again.
+* ``controlnet/tiny_sd15_controlnet.safetensors``: a ControlNet for that UNet in the LDM layout (ControlNetLoader),
+  built from ComfyUI's ``cldm.ControlNet`` with random weights everywhere, its zero convolutions included, so that
+  its residuals visibly change the image.
 
 ComfyUI's CLIP and VAE configs are fixed, so those two are full size (they are cheap at 64x64 pixels).
 Nothing is written into the ComfyUI checkout (run it with ``PYTHONDONTWRITEBYTECODE=1`` to avoid ``__pycache__``).
@@ -162,6 +165,17 @@ def make_lora(models_dir: str, unet_sd: dict[str, torch.Tensor], rank: int = 4) 
     return len(lora) // 3
 
 
+def make_controlnet(models_dir: str) -> None:
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+
+    torch.manual_seed(4)
+    config = {k: v for k, v in UNET_CONFIG.items() if k != "out_channels"}
+    net = ControlNet(**config, hint_channels=3, device="cpu", operations=comfy.ops.disable_weight_init)
+    init_weights(net)  # real ControlNets start their zero convs at zero; random ones make the residuals matter
+    save(net.state_dict(), os.path.join(models_dir, "controlnet", "tiny_sd15_controlnet.safetensors"))
+
+
 def make_comfy_fp8_unet(models_dir: str, unet_sd: dict[str, torch.Tensor]) -> bool:
     """The UNet in ComfyUI's own FP8 format (``comfy_quant``, ComfyUI >= 0.8), to test that fpq refuses it.
 
@@ -209,6 +223,7 @@ def main() -> None:
     make_clip(args.models_dir)
     make_vae(args.models_dir)
     n = make_lora(args.models_dir, unet_sd)
+    make_controlnet(args.models_dir)
     native = make_comfy_fp8_unet(args.models_dir, unet_sd)
     print(f"wrote the test models under {args.models_dir} (LoRA on {n} layers, comfy_quant FP8 UNet: {native})")
 

@@ -45,6 +45,7 @@ UNET, CLIP, VAE, LORA = (
     "tiny_lora.safetensors",
 )
 COMFY_FP8_UNET = "tiny_sd15_unet_comfy_fp8.safetensors"
+CONTROLNET = "tiny_sd15_controlnet.safetensors"
 
 
 def _skip_reason() -> str | None:
@@ -225,12 +226,13 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
 # ---- graphs ---------------------------------------------------------------------------------------------------------
 def t2i_graph(seed: int = 1, *, quantize: dict | None = None, lora: bool = False, lora_before: bool = False,
               unet_dtype: str = "default", load: str | None = None, prefix: str = "t2i", steps: int = 4,
-              ) -> dict:  # fmt: skip
+              control: bool = False) -> dict:  # fmt: skip
     """UNETLoader/CLIPLoader/VAELoader -> [LoRA] -> [FP Quantize UNet] -> [LoRA] -> KSampler (64x64, ``steps``) ->
     SaveImage "9".
 
     ``lora``: the test LoRA after the quantize node (or on the plain model); ``lora_before``: before it.
     ``load``: take the MODEL from "Load FP Quantized UNet" with this file instead of UNETLoader.
+    ``control``: both conditionings through ControlNetApplyAdvanced with the test ControlNet on an orange image.
     """
     graph: dict[str, Any] = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNET, "weight_dtype": unet_dtype}},
@@ -257,10 +259,19 @@ def t2i_graph(seed: int = 1, *, quantize: dict | None = None, lora: bool = False
         graph["11"] = {"class_type": "LoraLoaderModelOnly",
                        "inputs": {"model": model, "lora_name": LORA, "strength_model": 1.0}}  # fmt: skip
         model = ["11", 0]
+    positive, negative = ["4", 0], ["5", 0]
+    if control:
+        graph["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+        graph["21"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                               "color": 0xFF8000}}  # fmt: skip
+        graph["22"] = {"class_type": "ControlNetApplyAdvanced",
+                       "inputs": {"positive": positive, "negative": negative, "control_net": ["20", 0],
+                                  "image": ["21", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+        positive, negative = ["22", 0], ["22", 1]
     graph["7"] = {
         "class_type": "KSampler",
         "inputs": {"model": model, "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-                   "scheduler": "normal", "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
+                   "scheduler": "normal", "positive": positive, "negative": negative, "latent_image": ["6", 0],
                    "denoise": 1.0},
     }  # fmt: skip
     return graph
@@ -437,6 +448,25 @@ def test_cuda_graph_replay_gives_the_eager_image(comfy: Comfy) -> None:
         assert "dropping" not in log and "CUDA graph capture failed" not in log, log[-3000:]
     else:
         assert captured == 0
+
+
+def test_a_controlnet_steers_the_quantized_model_as_it_steers_the_plain_one(comfy: Comfy) -> None:
+    """ControlNet residuals reach fpq's UNet: they move the quantized image about as far as the plain one, and the
+    quantized ControlNet image stays near the plain ControlNet image. The node's CUDA graphs run such calls eagerly
+    (unless ``comfyui_graphs.GRAPH_CONTROLNET``), saying so once in the log."""
+    start = len(comfy.log.read_text())
+    plain, _ = comfy.image(t2i_graph(prefix="cn_none_plain"))
+    plain_cn, _ = comfy.image(t2i_graph(control=True, prefix="cn_plain"))
+    quant, _ = comfy.image(t2i_graph(quantize={}, prefix="cn_none_w8a8"))
+    quant_cn, _ = comfy.image(t2i_graph(control=True, quantize={}, prefix="cn_w8a8"))
+    moved_plain, moved_quant = diff(plain, plain_cn)[0], diff(quant, quant_cn)[0]
+    error = diff(plain_cn, quant_cn)[0]
+    print(f"\nControlNet moves the image by {moved_plain:.2f} (plain) / {moved_quant:.2f} (w8a8) levels; w8a8 vs "
+          f"plain with the ControlNet {error:.2f}")  # fmt: skip
+    assert moved_plain > 4 and 0.5 * moved_plain < moved_quant < 2 * moved_plain, (moved_plain, moved_quant)
+    assert 0 < error < 8 and error < moved_quant, error
+    if comfy.on_cuda():
+        assert "a ControlNet is connected" in comfy.log.read_text()[start:]
 
 
 def test_bad_inputs_are_node_errors(comfy: Comfy) -> None:
