@@ -10,12 +10,21 @@ other entry (``sigmas``, ``sample_sigmas``, ``cond_or_uncond``, ``uuids``, and t
 
 from __future__ import annotations
 
+import os
+
+
+def graph_controlnet_from_env(environ=os.environ) -> bool:
+    """``FPQ_GRAPH_CONTROLNET=1`` in ComfyUI's environment switches :data:`GRAPH_CONTROLNET` on (ComfyUI users
+    cannot set a module attribute; an environment variable they can)."""
+    return environ.get("FPQ_GRAPH_CONTROLNET", "").strip() not in ("", "0")
+
+
 #: Replay graphs for calls with ControlNet residuals too. They are ordinary per-step tensors of fixed shapes (graph
 #: inputs, copied in like the latent); ComfyUI's UNet pops them off the lists it is handed, which the capture
-#: survives because each warm-up and the capture get fresh containers (cuda_graphs.GraphedForward). Off until a
-#: ComfyUI run with a real ControlNet has been measured on a GPU (the mechanism is GPU-tested in
-#: tests/integrations/test_cuda_graphs.py; no session with ComfyUI on a GPU has run it yet).
-GRAPH_CONTROLNET = False
+#: survives because each warm-up and the capture get fresh containers (cuda_graphs.GraphedForward). Off unless
+#: ``FPQ_GRAPH_CONTROLNET=1``, until a ComfyUI run with a ControlNet has been checked on a GPU (the mechanism is
+#: GPU-tested in tests/integrations/test_cuda_graphs.py; the server test with a ControlNet has run on the CPU only).
+GRAPH_CONTROLNET = graph_controlnet_from_env()
 
 
 def comfyui_unet_check(args: tuple, kwargs: dict) -> str | None:
@@ -31,7 +40,7 @@ def comfyui_unet_check(args: tuple, kwargs: dict) -> str | None:
     """
     control = kwargs.get("control", args[4] if len(args) > 4 else None)
     if control is not None and not GRAPH_CONTROLNET:
-        return "a ControlNet is connected (comfyui_graphs.GRAPH_CONTROLNET is off)"
+        return "a ControlNet is connected (set FPQ_GRAPH_CONTROLNET=1 to replay graphs with it)"
     options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):

@@ -45,6 +45,12 @@ def test_a_controlnet_keeps_the_call_eager_by_keyword_or_position_unless_switche
     assert comfyui_unet_check((torch.zeros(1), torch.ones(1), None, None, control), {}) is None
 
 
+def test_the_controlnet_switch_comes_from_the_environment() -> None:
+    assert not comfyui_graphs.graph_controlnet_from_env({})
+    assert not comfyui_graphs.graph_controlnet_from_env({"FPQ_GRAPH_CONTROLNET": "0"})
+    assert comfyui_graphs.graph_controlnet_from_env({"FPQ_GRAPH_CONTROLNET": "1"})
+
+
 def test_empty_patch_lists_do_not_count() -> None:
     options = _plain_options()
     options["patches"] = {"attn1_patch": []}

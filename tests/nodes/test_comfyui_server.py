@@ -171,7 +171,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("comfy")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # keep __pycache__ out of the ComfyUI checkout
+    # keep __pycache__ out of the ComfyUI checkout; let ControlNet steps replay CUDA graphs (off by default), which
+    # the ControlNet test checks against eager calls on a GPU
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "FPQ_GRAPH_CONTROLNET": "1"}
     # The server imports fpq_plugin from this checkout, even when ComfyUI's environment has another copy installed
     # (an editable install of a different worktree, say). Only the package goes on the path, through a folder
     # holding a link to it: the repository root itself must not, as its nodes/ would shadow ComfyUI's nodes.py.
@@ -452,21 +454,25 @@ def test_cuda_graph_replay_gives_the_eager_image(comfy: Comfy) -> None:
 
 def test_a_controlnet_steers_the_quantized_model_as_it_steers_the_plain_one(comfy: Comfy) -> None:
     """ControlNet residuals reach fpq's UNet: they move the quantized image about as far as the plain one, and the
-    quantized ControlNet image stays near the plain ControlNet image. The node's CUDA graphs run such calls eagerly
-    (unless ``comfyui_graphs.GRAPH_CONTROLNET``), saying so once in the log."""
+    quantized ControlNet image stays near the plain ControlNet image. The test server runs with
+    ``FPQ_GRAPH_CONTROLNET=1``, so on a GPU the ControlNet steps replay CUDA graphs: the image must be the eager one."""
     start = len(comfy.log.read_text())
     plain, _ = comfy.image(t2i_graph(prefix="cn_none_plain"))
     plain_cn, _ = comfy.image(t2i_graph(control=True, prefix="cn_plain"))
     quant, _ = comfy.image(t2i_graph(quantize={}, prefix="cn_none_w8a8"))
     quant_cn, _ = comfy.image(t2i_graph(control=True, quantize={}, prefix="cn_w8a8"))
+    eager_cn, _ = comfy.image(t2i_graph(control=True, quantize={"cuda_graphs": False}, prefix="cn_w8a8_eager"))
     moved_plain, moved_quant = diff(plain, plain_cn)[0], diff(quant, quant_cn)[0]
     error = diff(plain_cn, quant_cn)[0]
     print(f"\nControlNet moves the image by {moved_plain:.2f} (plain) / {moved_quant:.2f} (w8a8) levels; w8a8 vs "
           f"plain with the ControlNet {error:.2f}")  # fmt: skip
     assert moved_plain > 4 and 0.5 * moved_plain < moved_quant < 2 * moved_plain, (moved_plain, moved_quant)
     assert 0 < error < 8 and error < moved_quant, error
+    assert np.array_equal(quant_cn, eager_cn), "a replay with ControlNet residuals must give the eager image"
     if comfy.on_cuda():
-        assert "a ControlNet is connected" in comfy.log.read_text()[start:]
+        log = comfy.log.read_text()[start:]
+        assert "fpq: CUDA graphs: captured the forward" in log and "a ControlNet is connected" not in log, log[-3000:]
+        assert "CUDA graph capture failed" not in log, log[-3000:]
 
 
 def test_bad_inputs_are_node_errors(comfy: Comfy) -> None:
