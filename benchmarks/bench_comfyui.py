@@ -10,6 +10,11 @@ Run with the python of a ComfyUI environment, on a GPU::
 
     python benchmarks/bench_comfyui.py --comfyui /path/to/ComfyUI --out benchmarks/results/comfyui_speed_h200.json
 
+``--controlnet`` adds rows with a random-weight ControlNet of the same architecture applied to both conditionings
+(ControlNetApplyAdvanced, strength 1): plain, fpq with the ControlNet steps eager (``GRAPH_CONTROLNET`` off, the
+behaviour without ``FPQ_GRAPH_CONTROLNET=1``) and with them replaying graphs. The ControlNet itself always runs
+eagerly in ComfyUI's own fp16 model.
+
 ``--unet tiny`` (the server tests' 44M-parameter UNet) and ``--size 64`` make a CPU smoke run. ComfyUI's
 cudaMallocAsync allocator is not switched on here (as with ``main.py --disable-cuda-malloc``): under it the node
 stays eager, which is the ``cuda_graphs=False`` row.
@@ -73,11 +78,12 @@ def _import_fpq_nodes():
     return module
 
 
-def _write_models(folder: Path, unet: str) -> tuple[Path, Path]:
+def _write_models(folder: Path, unet: str, controlnet: bool) -> tuple[Path, Path, Path | None]:
+    """(UNet, CLIP, ControlNet or None) files with random weights, as ComfyUI's loaders read them."""
     sys.path.insert(0, str(REPO / "tests" / "nodes"))
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from make_comfy_test_models import UNET_CONFIG, init_weights, make_clip, save
+    from make_comfy_test_models import UNET_CONFIG, init_weights, make_clip, make_controlnet, save
 
     torch.manual_seed(0)
     config = {**UNET_CONFIG, **SD15_OVERRIDES} if unet == "sd15" else UNET_CONFIG
@@ -87,7 +93,8 @@ def _write_models(folder: Path, unet: str) -> tuple[Path, Path]:
     save(model.state_dict(), str(unet_path))
     del model
     make_clip(str(folder))
-    return unet_path, folder / "text_encoders" / "tiny_clip_l.safetensors"
+    cn_path = Path(make_controlnet(str(folder), config, f"{unet}_random_controlnet.safetensors")) if controlnet else None
+    return unet_path, folder / "text_encoders" / "tiny_clip_l.safetensors", cn_path
 
 
 def _sync() -> None:
@@ -108,6 +115,22 @@ def _time_sampling(comfy_nodes, model, positive, negative, latent, steps: int, r
     return {"first_s": times[0], "image_s": median, "step_ms": 1000 * median / steps, "images_s": times[1:]}
 
 
+def _controlnet_rows(comfy_nodes, model, controlled, latent, args, name: str) -> dict[str, dict]:
+    """The graphed model sampled with the ControlNet, its steps eager and then replaying graphs."""
+    from fpq_plugin.integrations import comfyui_graphs
+
+    before = comfyui_graphs.GRAPH_CONTROLNET
+    rows = {}
+    try:
+        for replay in (False, True):
+            comfyui_graphs.GRAPH_CONTROLNET = replay
+            row = _time_sampling(comfy_nodes, model, *controlled, latent, args.steps, args.reps)
+            rows[f"{name}_controlnet{'' if replay else '_eager_steps'}"] = row
+    finally:
+        comfyui_graphs.GRAPH_CONTROLNET = before
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", required=True, help="a ComfyUI checkout (imported, never written)")
@@ -117,6 +140,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--recipes", default="w8a8,w4a8")
+    ap.add_argument("--controlnet", action="store_true", help="also time sampling with a ControlNet (see above)")
     args = ap.parse_args()
     args.command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
@@ -135,7 +159,7 @@ def main() -> None:
 
 def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> None:
     device = comfy.model_management.get_torch_device()
-    unet_path, clip_path = _write_models(tmp, args.unet)
+    unet_path, clip_path, cn_path = _write_models(tmp, args.unet, args.controlnet)
     model = comfy.sd.load_diffusion_model(str(unet_path))
     clip = comfy.sd.load_clip([str(clip_path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
     encode = comfy_nodes.CLIPTextEncode()
@@ -145,9 +169,19 @@ def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> 
     params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     print(f"{args.unet} UNet {params / 1e6:.1f} M params on {device}, {args.size}x{args.size}, {args.steps} steps")
 
+    controlled = None
+    if cn_path is not None:
+        import comfy.controlnet
+
+        hint = torch.full((1, args.size, args.size, 3), 0.5)  # an IMAGE: batch, height, width, RGB in [0, 1]
+        controlled = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, comfy.controlnet.load_controlnet(str(cn_path)), hint, 1.0, 0.0, 1.0)
+
     rows: dict[str, dict] = {}
     rows["plain"] = _time_sampling(comfy_nodes, model, positive, negative, latent, args.steps, args.reps)
     rows["plain"]["dtype"] = str(model.model.get_dtype())
+    if controlled is not None:
+        rows["plain_controlnet"] = _time_sampling(comfy_nodes, model, *controlled, latent, args.steps, args.reps)
     quantize = fpq_nodes.NODE_CLASS_MAPPINGS["FPQuantizeUNet"]()
     for recipe in args.recipes.split(","):
         for graphs in (False, True):
@@ -155,16 +189,19 @@ def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> 
             (quantized,) = quantize.quantize(model, recipe, "fast", clip, calibration_resolution=args.size,
                                              cuda_graphs=graphs)  # fmt: skip
             node_s = time.perf_counter() - start
+            name = f"fpq_{recipe}{'_graphs' if graphs else ''}"
             row = _time_sampling(comfy_nodes, quantized, positive, negative, latent, args.steps, args.reps)
-            rows[f"fpq_{recipe}{'_graphs' if graphs else ''}"] = {**row, "node_s": node_s}
+            rows[name] = {**row, "node_s": node_s}
+            if controlled is not None and graphs:
+                rows.update(_controlnet_rows(comfy_nodes, quantized, controlled, latent, args, name))
             del quantized
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
 
-    base = rows["plain"]["image_s"]
     print("\n| variant | s per image | ms per step | vs plain | first image s |\n|---|---|---|---|---|")
     for name, row in rows.items():
-        row["vs_plain"] = base / row["image_s"]
+        # a ControlNet row against plain ComfyUI with the same ControlNet
+        row["vs_plain"] = rows["plain_controlnet" if "controlnet" in name else "plain"]["image_s"] / row["image_s"]
         print(f"| {name} | {row['image_s']:.3f} | {row['step_ms']:.1f} | {row['vs_plain']:.2f}x | "
               f"{row['first_s']:.2f} |")  # fmt: skip
     if args.out:
@@ -179,6 +216,7 @@ def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> 
             "steps": args.steps,
             "batch": 1,
             "cfg": 7.0,
+            "controlnet": "random weights, the UNet's architecture, strength 1.0" if controlled is not None else None,
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ Check = Callable[[tuple, dict], "str | None"]
 # (fpq_plugin.kernels.qops.pointer_args_as_ints): a failed capture there aborts the whole process. False: never
 # capture under that allocator.
 CAPTURE_UNDER_ASYNC_ALLOCATOR = True
+#: Under cudaMallocAsync, warm-ups the capture may add while the last one still launched through Triton's binder (a
+#: launch seen for the first time caches itself; one that goes through the binder on every call never stops).
+ASYNC_EXTRA_WARMUPS = 2
 
 ASYNC_ALLOCATOR_REASON = (
     "PyTorch's cudaMallocAsync allocator is on (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, which ComfyUI sets "
@@ -325,13 +328,17 @@ class GraphedForward:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                for i in range(self.warmup):
-                    if guarded and i == self.warmup - 1:
-                        # the capture's code path exactly (int pointers), with every binder launch counted
-                        with _capture_launches(), _binder_launches() as binder:
-                            run()
-                    else:
+                for _ in range(self.warmup - 1 if guarded else self.warmup):
+                    run()
+                # Under the async allocator the last warm-up takes the capture's code path exactly (int pointers)
+                # and counts binder launches. A fresh model can launch a kernel for the first time in its second
+                # call (a producer that writes its consumer's fp8 input once that consumer has picked its backend
+                # in the first call), and that first launch is what caches it: try again before giving up.
+                for _ in range(1 + ASYNC_EXTRA_WARMUPS if guarded else 0):
+                    with _capture_launches(), _binder_launches() as binder:
                         run()
+                    if not binder[0]:
+                        break
             torch.cuda.current_stream(device).wait_stream(side)
             if guarded and binder[0]:
                 self._failed.add(key)

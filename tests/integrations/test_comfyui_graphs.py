@@ -36,8 +36,9 @@ def test_patches_wrappers_and_overrides_keep_the_call_eager(change, reason) -> N
     assert reason in comfyui_unet_check((torch.zeros(1), torch.ones(1)), {"transformer_options": options})
 
 
-def test_a_controlnet_keeps_the_call_eager_by_keyword_or_position_unless_switched_on(monkeypatch) -> None:
+def test_a_controlnet_keeps_the_call_eager_by_keyword_or_position_only_when_switched_off(monkeypatch) -> None:
     control = {"input": [torch.zeros(1)], "middle": [], "output": []}
+    monkeypatch.setattr(comfyui_graphs, "GRAPH_CONTROLNET", False)
     assert "ControlNet" in comfyui_unet_check((torch.zeros(1), torch.ones(1)), {"control": control})
     assert "ControlNet" in comfyui_unet_check((torch.zeros(1), torch.ones(1), None, None, control), {})
     monkeypatch.setattr(comfyui_graphs, "GRAPH_CONTROLNET", True)
@@ -46,9 +47,10 @@ def test_a_controlnet_keeps_the_call_eager_by_keyword_or_position_unless_switche
 
 
 def test_the_controlnet_switch_comes_from_the_environment() -> None:
-    assert not comfyui_graphs.graph_controlnet_from_env({})
-    assert not comfyui_graphs.graph_controlnet_from_env({"FPQ_GRAPH_CONTROLNET": "0"})
+    assert comfyui_graphs.graph_controlnet_from_env({}), "on by default"
     assert comfyui_graphs.graph_controlnet_from_env({"FPQ_GRAPH_CONTROLNET": "1"})
+    for off in ("0", "false", "OFF", " no "):
+        assert not comfyui_graphs.graph_controlnet_from_env({"FPQ_GRAPH_CONTROLNET": off})
 
 
 def test_empty_patch_lists_do_not_count() -> None:

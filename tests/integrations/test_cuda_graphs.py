@@ -329,9 +329,14 @@ if mode == "binder":  # the opt-in FP8 implicit-GEMM conv launches through Trito
 unet = _unet("tiny", device="cuda", dtype=torch.bfloat16, recipe="w8a8")
 inputs = example_unet_inputs(unet, batch=2, seed=0)
 with torch.no_grad():
-    want = unet(**inputs, return_dict=False)[0]
-    graphed = cuda_graphs.enable_cuda_graphs(unet)
-    got = [_call(unet, inputs) for _ in range(3)]
+    if mode == "fresh":  # the graphed call is the model's first (ComfyUI's case): no eager call before it
+        graphed = cuda_graphs.enable_cuda_graphs(unet)
+        got = [_call(unet, inputs) for _ in range(3)]
+        want = graphed.forward(**inputs, return_dict=False)[0]
+    else:
+        want = unet(**inputs, return_dict=False)[0]
+        graphed = cuda_graphs.enable_cuda_graphs(unet)
+        got = [_call(unet, inputs) for _ in range(3)]
     other = example_unet_inputs(unet, batch=2, seed=1)  # the replay reads new inputs
     got_other, want_other = _call(unet, other), graphed.forward(**other, return_dict=False)[0]
 assert all(torch.equal(g, want) for g in got)
@@ -363,6 +368,17 @@ def test_the_async_allocator_captures_with_int_pointer_launches() -> None:
     (Triton's pointer check fails on memory allocated there, and the failed capture aborts the process)."""
     out = _run_under_async_allocator("capture")
     assert "STATS {'capture': 1, 'replay': 4}" in out, out[-2000:]
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_the_async_allocator_captures_a_model_whose_first_call_is_the_graphed_one() -> None:
+    """A fresh model launches some kernels for the first time in its second call (producers that write their
+    consumer's fp8 input once the consumer has picked its backend): the capture warms up again instead of staying
+    eager (ComfyUI 0.8.0 on an H100 logged one binder launch and ran that shape eagerly before)."""
+    out = _run_under_async_allocator("fresh")
+    assert "STATS {'capture': 1, 'replay': 4}" in out, out[-2000:]
+    assert "went through Triton's Python launcher" not in out, out[-2000:]
 
 
 @needs_cuda

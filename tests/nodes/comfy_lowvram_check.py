@@ -89,10 +89,23 @@ def run(patcher, lowvram_bytes: int = 0) -> tuple[torch.Tensor, dict]:
     return out, state
 
 
+def fused_kernels(on: bool) -> None:
+    """fpq's GroupNorm / LayerNorm / GEGLU kernels (GPU only). A layer ComfyUI offloads casts its norm weights per
+    forward, so its norms run PyTorch's kernels while a loaded model's run fpq's, which round a few percent of
+    outputs to the neighbouring fp16 value: with them off, partial and full loading run the same arithmetic."""
+    from fpq_plugin.nn import fused_geglu, fused_group_norm, fused_layer_norm
+
+    fused_geglu.ENABLED = fused_group_norm.ENABLED = fused_layer_norm.ENABLED = on
+
+
 codes_before = [m.weight_codes.clone() for m in layers_of(quantized)]
 no_lora, _ = run(quantized)
+full_fused, _ = run(with_lora)
+partial_fused, _ = run(with_lora, lowvram_bytes=quantized.model_size() // 2)
+fused_kernels(False)
 full, full_state = run(with_lora)
 partial, partial_state = run(with_lora, lowvram_bytes=quantized.model_size() // 2)
+fused_kernels(True)
 after, _ = run(quantized)
 codes_after = [m.weight_codes for m in layers_of(quantized)]
 
@@ -113,6 +126,7 @@ print(json.dumps({
     "partial": partial_state,
     "lora_effect": rel(full, no_lora),
     "partial_vs_full": rel(partial, full),
+    "partial_vs_full_fused_kernels": rel(partial_fused, full_fused),
     "unloaded_equals_before": rel(after, no_lora),
     "codes_restored": all(torch.equal(a, b) for a, b in zip(codes_before, codes_after)),
     "finite": bool(torch.isfinite(partial).all()),

@@ -165,15 +165,19 @@ def make_lora(models_dir: str, unet_sd: dict[str, torch.Tensor], rank: int = 4) 
     return len(lora) // 3
 
 
-def make_controlnet(models_dir: str) -> None:
+def make_controlnet(models_dir: str, unet_config: dict | None = None,
+                    name: str = "tiny_sd15_controlnet.safetensors") -> str:
+    """A random-weight ControlNet for the UNet of ``unet_config`` (default: the test UNet); returns its path."""
     import comfy.ops
     from comfy.cldm.cldm import ControlNet
 
     torch.manual_seed(4)
-    config = {k: v for k, v in UNET_CONFIG.items() if k != "out_channels"}
+    config = {k: v for k, v in (unet_config or UNET_CONFIG).items() if k != "out_channels"}
     net = ControlNet(**config, hint_channels=3, device="cpu", operations=comfy.ops.disable_weight_init)
     init_weights(net)  # real ControlNets start their zero convs at zero; random ones make the residuals matter
-    save(net.state_dict(), os.path.join(models_dir, "controlnet", "tiny_sd15_controlnet.safetensors"))
+    path = os.path.join(models_dir, "controlnet", name)
+    save(net.state_dict(), path)
+    return path
 
 
 def make_comfy_fp8_unet(models_dir: str, unet_sd: dict[str, torch.Tensor]) -> bool:

@@ -39,4 +39,7 @@ def test_partial_loading_with_a_lora_matches_the_full_load(tmp_path) -> None:
         assert partial["on_load_device"] == info["layers"] - partial["offloaded"]
     assert info["lora_effect"] > 0.05  # the LoRA changes the output visibly...
     assert info["partial_vs_full"] < 1e-4, info  # ...the same way whether its layers are offloaded or loaded
+    # With fpq's norm/GEGLU kernels on (the default), offloaded layers' norms run PyTorch's kernels instead: one fp16
+    # rounding apart in a few percent of elements (H100: 0.22% of the output), far below the quantization error.
+    assert info["partial_vs_full_fused_kernels"] < 1e-2, info
     assert info["unloaded_equals_before"] == 0.0 and info["codes_restored"] and info["finite"]

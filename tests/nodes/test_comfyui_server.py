@@ -171,8 +171,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("comfy")
-    # keep __pycache__ out of the ComfyUI checkout; let ControlNet steps replay CUDA graphs (off by default), which
-    # the ControlNet test checks against eager calls on a GPU
+    # keep __pycache__ out of the ComfyUI checkout; ControlNet steps replay CUDA graphs (the default, which the
+    # ControlNet test checks against eager calls on a GPU) whatever the caller's environment says
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "FPQ_GRAPH_CONTROLNET": "1"}
     # The server imports fpq_plugin from this checkout, even when ComfyUI's environment has another copy installed
     # (an editable install of a different worktree, say). Only the package goes on the path, through a folder
@@ -454,8 +454,8 @@ def test_cuda_graph_replay_gives_the_eager_image(comfy: Comfy) -> None:
 
 def test_a_controlnet_steers_the_quantized_model_as_it_steers_the_plain_one(comfy: Comfy) -> None:
     """ControlNet residuals reach fpq's UNet: they move the quantized image about as far as the plain one, and the
-    quantized ControlNet image stays near the plain ControlNet image. The test server runs with
-    ``FPQ_GRAPH_CONTROLNET=1``, so on a GPU the ControlNet steps replay CUDA graphs: the image must be the eager one."""
+    quantized ControlNet image stays near the plain ControlNet image. ControlNet steps replay CUDA graphs (the
+    default), so on a GPU the image must be the eager one."""
     plain, _ = comfy.image(t2i_graph(prefix="cn_none_plain"))
     plain_cn, _ = comfy.image(t2i_graph(control=True, prefix="cn_plain"))
     quant, _ = comfy.image(t2i_graph(quantize={}, prefix="cn_none_w8a8"))
