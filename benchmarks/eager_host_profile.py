@@ -5,6 +5,9 @@ an fpq layer's Python and launch cost, not its kernel, sets eager latency. This 
 per forward and the functions with the most own time, and writes them as JSON.
 
     python benchmarks/eager_host_profile.py --model sd15 --batch 2 --out benchmarks/results/eager_host_h200.json
+
+``--recipes w8a8,w4a8 --dtype fp16 --inference-mode`` profiles the call as ComfyUI makes it (an fp16 UNet under
+``torch.inference_mode``, whose tensors have no version counter).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_unet import LATENT, build, call, input_ranges, quantized_copy  # noqa: E402
 
 
-def host_profile(variant, inp, calls: int, top: int) -> dict:
+def host_profile(variant, inp, calls: int, top: int, inference_mode: bool = False) -> dict:
+    if inference_mode:
+        with torch.inference_mode():
+            return host_profile(variant, inp, calls, top)
     for _ in range(3):
         call(variant, inp)
     torch.cuda.synchronize()
@@ -60,18 +66,27 @@ def main():
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="benchmarks/results/eager_host_h200.json")
+    ap.add_argument("--recipes", default="w8a8", help="fpq recipes to profile beside the float model")
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    ap.add_argument("--inference-mode", action="store_true", help="calls under torch.inference_mode, as ComfyUI")
     args = ap.parse_args()
     from fpq_plugin.models.unet_configs import example_unet_inputs
 
     dev = torch.device("cuda")
     base = build(args.model, dev)
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    base = base.to(dtype)
     lat = LATENT[args.model]
     inp = example_unet_inputs(base, batch=args.batch, height=lat, width=lat)
-    fpq, _ = quantized_copy(base, "w8a8", input_ranges(base, inp))
+    ranges = input_ranges(base, inp)
+    models = [(args.dtype, base)]
+    for recipe in args.recipes.split(","):
+        models.append((f"fpq_{recipe}", quantized_copy(base, recipe, ranges)[0]))
     res = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "variants": {}}
-    for name, model in (("bf16", base), ("fpq_w8a8", fpq)):
-        res["variants"][name] = host_profile({"name": name, "model": model}, inp, args.calls, args.top)
+           "torch": torch.__version__, "dtype": args.dtype, "inference_mode": args.inference_mode, "variants": {}}
+    for name, model in models:
+        res["variants"][name] = host_profile({"name": name, "model": model}, inp, args.calls, args.top,
+                                             args.inference_mode)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     for name, r in res["variants"].items():
