@@ -106,6 +106,13 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
+def _activation_version(x: torch.Tensor) -> int:
+    """``x``'s in-place version, or -1 for a tensor made under ``torch.inference_mode`` (ComfyUI samples in it).
+    Asking first is what makes this cheap: ``_version`` raising costs ~9 us a call, ~12 ms per SD1.5 forward. A
+    Parameter wrapping an inference tensor has a counter but counts as inference here; it only shares less."""
+    return -1 if x.is_inference() else _version(x)
+
+
 def _key(layer) -> tuple:
     """Storage address + in-place version of every tensor the state is derived from (a new device, a reload or a
     requantized weight means a new tensor). The state holds these tensors, so no address is reused while it lives.
@@ -115,6 +122,24 @@ def _key(layer) -> tuple:
     ComfyUI replace a layer's tensors rather than write into them.
     """
     return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in _key_tensors(layer))
+
+
+def _key_still_holds(st: "_State", layer) -> bool:
+    """``st.key == _key(layer)``, without asking a tensor known to have no version counter for its version again
+    (the exception is the slow part): the same object at the same address has still none."""
+    for t, old, entry in zip(_key_tensors(layer), st.key_tensors, st.key):
+        if t is None or entry is None:
+            if t is not None or entry is not None:
+                return False
+            continue
+        ptr, ver = entry
+        if t.data_ptr() != ptr:
+            return False
+        if ver < 0 and t is old:
+            continue
+        if _version(t) != ver:
+            return False
+    return True
 
 
 class _State:
@@ -188,7 +213,7 @@ def release_state(layer) -> None:
 
 def _state(layer) -> _State:
     st = _STATES.get(layer)
-    if st is None or st.key != _key(layer):
+    if st is None or not _key_still_holds(st, layer):
         st = _STATES[layer] = _State(layer)
     return st
 
@@ -352,7 +377,7 @@ def _shared_cast(x: torch.Tensor, st: _State, grid_out: bool):
     mx, mver, mxs, mact, mgrid, q = memo
     if (mxs == st.xs_value and mact == st.act_dtype and mgrid == grid_out and mx.data_ptr() == x.data_ptr()
             and mx.shape == x.shape and mx.stride() == x.stride() and mx.dtype == x.dtype):
-        ver = _version(x)
+        ver = _activation_version(x)
         if mver is None and ver < 0:  # offered for one use
             _LAST_CAST[0] = None
             return q
@@ -374,7 +399,7 @@ def _cast(x: torch.Tensor, st: _State, grid_out: bool) -> torch.Tensor:
 
 def _remember_cast(x: torch.Tensor, st: _State, grid_out: bool, q: torch.Tensor) -> None:
     if SHARE_ACTIVATION_CASTS and st.xs_value is not None:
-        ver = _version(x)
+        ver = _activation_version(x)
         _LAST_CAST[0] = (x, ver, st.xs_value, st.act_dtype, grid_out, q) if ver >= 0 else None
 
 
@@ -399,7 +424,7 @@ def offer_cast(x: torch.Tensor, st: _State, q: torch.Tensor) -> None:
     ``x`` as the consumer will reshape it, ``(rows, K)``. Bits must be :func:`_cast_once`'s; the consumer checks
     address, layout, version and scale as for any shared cast."""
     if SHARE_ACTIVATION_CASTS and st.xs_value is not None:
-        ver = _version(x)
+        ver = _activation_version(x)
         _LAST_CAST[0] = (x, ver if ver >= 0 else None, st.xs_value, st.act_dtype, False, q)
 
 
