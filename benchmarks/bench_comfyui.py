@@ -15,6 +15,9 @@ Run with the python of a ComfyUI environment, on a GPU::
 behaviour without ``FPQ_GRAPH_CONTROLNET=1``) and with them replaying graphs. The ControlNet itself always runs
 eagerly in ComfyUI's own fp16 model.
 
+``--profile`` adds, for each eager row, a cProfile of one more image: the functions with the most host time per
+step (eager sampling on the lent machines is bound by the host, not the GPU).
+
 ``--unet tiny`` (the server tests' 44M-parameter UNet) and ``--size 64`` make a CPU smoke run. ComfyUI's
 cudaMallocAsync allocator is not switched on here (as with ``main.py --disable-cuda-malloc``): under it the node
 stays eager, which is the ``cuda_graphs=False`` row.
@@ -23,6 +26,7 @@ stays eager, which is the ``cuda_graphs=False`` row.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
 import os
@@ -115,6 +119,21 @@ def _time_sampling(comfy_nodes, model, positive, negative, latent, steps: int, r
     return {"first_s": times[0], "image_s": median, "step_ms": 1000 * median / steps, "images_s": times[1:]}
 
 
+def _profile_sampling(comfy_nodes, model, positive, negative, latent, steps: int) -> dict:
+    """Host time of one more image under cProfile, per step."""
+    from profile_summary import summarize
+
+    prof = cProfile.Profile()
+    _sync()
+    prof.enable()
+    comfy_nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", positive, negative, latent)
+    _sync()
+    prof.disable()
+    summary = summarize(prof, steps, top=30, unit="step")
+    del summary["cumulative_text"]
+    return summary
+
+
 def _controlnet_rows(comfy_nodes, model, controlled, latent, args, name: str) -> dict[str, dict]:
     """The graphed model sampled with the ControlNet, its steps eager and then replaying graphs."""
     from fpq_plugin.integrations import comfyui_graphs
@@ -141,6 +160,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--recipes", default="w8a8,w4a8")
     ap.add_argument("--controlnet", action="store_true", help="also time sampling with a ControlNet (see above)")
+    ap.add_argument("--profile", action="store_true", help="cProfile one more image of each eager row (see above)")
     args = ap.parse_args()
     args.command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
@@ -180,6 +200,8 @@ def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> 
     rows: dict[str, dict] = {}
     rows["plain"] = _time_sampling(comfy_nodes, model, positive, negative, latent, args.steps, args.reps)
     rows["plain"]["dtype"] = str(model.model.get_dtype())
+    if args.profile:
+        rows["plain"]["host_profile"] = _profile_sampling(comfy_nodes, model, positive, negative, latent, args.steps)
     if controlled is not None:
         rows["plain_controlnet"] = _time_sampling(comfy_nodes, model, *controlled, latent, args.steps, args.reps)
     quantize = fpq_nodes.NODE_CLASS_MAPPINGS["FPQuantizeUNet"]()
@@ -192,6 +214,9 @@ def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> 
             name = f"fpq_{recipe}{'_graphs' if graphs else ''}"
             row = _time_sampling(comfy_nodes, quantized, positive, negative, latent, args.steps, args.reps)
             rows[name] = {**row, "node_s": node_s}
+            if args.profile and not graphs:
+                rows[name]["host_profile"] = _profile_sampling(comfy_nodes, quantized, positive, negative, latent,
+                                                               args.steps)  # fmt: skip
             if controlled is not None and graphs:
                 rows.update(_controlnet_rows(comfy_nodes, quantized, controlled, latent, args, name))
             del quantized
@@ -221,6 +246,12 @@ def _run(args: argparse.Namespace, comfy, comfy_nodes, fpq_nodes, tmp: Path) -> 
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, row in rows.items():
+        if "host_profile" in row:
+            print(f"\n{name}: host time per step, most own time first")
+            for r in row["host_profile"]["top_own_time"][:15]:
+                print(f"  {r['own_ms_per_step']:8.3f} ms own {r['cum_ms_per_step']:8.3f} cum "
+                      f"{r['calls_per_step']:7.1f}x  {r['function']}")
 
 
 if __name__ == "__main__":

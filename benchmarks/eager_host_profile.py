@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_unet import LATENT, build, call, input_ranges, quantized_copy  # noqa: E402
+from profile_summary import summarize  # noqa: E402
 
 
 def host_profile(variant, inp, calls: int, top: int, inference_mode: bool = False) -> dict:
@@ -47,16 +46,7 @@ def host_profile(variant, inp, calls: int, top: int, inference_mode: bool = Fals
         call(variant, inp)
     torch.cuda.synchronize()
     prof.disable()
-    st = pstats.Stats(prof)
-    rows = []
-    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
-        rows.append({"function": f"{Path(file).name}:{line}:{fn}", "calls_per_forward": round(nc / calls, 1),
-                     "own_ms_per_forward": round(tt / calls * 1e3, 3),
-                     "cum_ms_per_forward": round(ct / calls * 1e3, 3)})
-    rows.sort(key=lambda r: -r["own_ms_per_forward"])
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
-    return {"wall_ms_per_forward": round(wall * 1e3, 2), "top_own_time": rows[:top], "cumulative_text": buf.getvalue()}
+    return {"wall_ms_per_forward": round(wall * 1e3, 2), **summarize(prof, calls, top)}
 
 
 def main():
