@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fpq_plugin.errors import CheckpointError
+from fpq_plugin.integrations.diffusers_compat import dtype_kwargs
 from fpq_plugin.reference.scenes import ATTRIBUTES, caption_vocabulary
 
 __all__ = [
@@ -276,7 +277,9 @@ def load_t2i_pipeline(
 
     folder = Path(path) if path is not None else reference_path("scenes-t2i")
     extra = {"unet": unet} if unet is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), **dtype_kwargs(dtype), local_files_only=True, **extra
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -286,7 +289,7 @@ def load_uncond_pipeline(path: str | os.PathLike[str] | None = None, dtype: torc
     from diffusers import DDIMPipeline
 
     folder = Path(path) if path is not None else reference_path("scenes-uncond")
-    pipe = DDIMPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    pipe = DDIMPipeline.from_pretrained(str(folder), **dtype_kwargs(dtype), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
