@@ -19,8 +19,9 @@ eagerly in ComfyUI's own fp16 model.
 step (eager sampling on the lent machines is bound by the host, not the GPU).
 
 ``--unet tiny`` (the server tests' 44M-parameter UNet) and ``--size 64`` make a CPU smoke run. ComfyUI's
-cudaMallocAsync allocator is not switched on here (as with ``main.py --disable-cuda-malloc``): under it the node
-stays eager, which is the ``cuda_graphs=False`` row.
+cudaMallocAsync allocator is not switched on here (as with ``main.py --disable-cuda-malloc``); set
+``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`` to measure under it (the node then captures with the guarded
+warm-ups of :mod:`fpq_plugin.integrations.cuda_graphs`).
 """
 
 from __future__ import annotations
