@@ -7,13 +7,16 @@ per forward and the functions with the most own time, and writes them as JSON.
     python benchmarks/eager_host_profile.py --model sd15 --batch 2 --out benchmarks/results/eager_host_h200.json
 
 ``--recipes w8a8,w4a8 --dtype fp16 --inference-mode`` profiles the call as ComfyUI makes it (an fp16 UNet under
-``torch.inference_mode``, whose tensors have no version counter).
+``torch.inference_mode``, whose tensors have no version counter). ``--also-off qops.CALL_SITE_LAUNCHES`` adds, for
+each recipe, a row with that module-level switch of ``fpq_plugin.kernels`` set to False (same process, same model).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import importlib
 import json
 import sys
 import time
@@ -49,6 +52,22 @@ def host_profile(variant, inp, calls: int, top: int, inference_mode: bool = Fals
     return {"wall_ms_per_forward": round(wall * 1e3, 2), **summarize(prof, calls, top)}
 
 
+@contextlib.contextmanager
+def switched_off(flag: str | None):
+    """``fpq_plugin.kernels.<module>.<NAME> = False`` inside (``flag``: ``module.NAME``), restored after."""
+    if flag is None:
+        yield
+        return
+    module_name, name = flag.rsplit(".", 1)
+    module = importlib.import_module(f"fpq_plugin.kernels.{module_name}")
+    old = getattr(module, name)
+    setattr(module, name, False)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="sd15")
@@ -59,6 +78,7 @@ def main():
     ap.add_argument("--recipes", default="w8a8", help="fpq recipes to profile beside the float model")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--inference-mode", action="store_true", help="calls under torch.inference_mode, as ComfyUI")
+    ap.add_argument("--also-off", default=None, help="module.SWITCH of fpq_plugin.kernels: extra rows with it False")
     args = ap.parse_args()
     from fpq_plugin.models.unet_configs import example_unet_inputs
 
@@ -69,14 +89,18 @@ def main():
     lat = LATENT[args.model]
     inp = example_unet_inputs(base, batch=args.batch, height=lat, width=lat)
     ranges = input_ranges(base, inp)
-    models = [(args.dtype, base)]
+    models = [(args.dtype, base, None)]
     for recipe in args.recipes.split(","):
-        models.append((f"fpq_{recipe}", quantized_copy(base, recipe, ranges)[0]))
+        model = quantized_copy(base, recipe, ranges)[0]
+        models.append((f"fpq_{recipe}", model, None))
+        if args.also_off:
+            models.append((f"fpq_{recipe}_{args.also_off.rsplit('.', 1)[1]}_off", model, args.also_off))
     res = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "dtype": args.dtype, "inference_mode": args.inference_mode, "variants": {}}
-    for name, model in models:
-        res["variants"][name] = host_profile({"name": name, "model": model}, inp, args.calls, args.top,
-                                             args.inference_mode)
+    for name, model, flag in models:
+        with switched_off(flag):
+            res["variants"][name] = host_profile({"name": name, "model": model}, inp, args.calls, args.top,
+                                                 args.inference_mode)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     for name, r in res["variants"].items():

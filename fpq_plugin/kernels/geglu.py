@@ -95,6 +95,9 @@ def geglu_and_cast(y: torch.Tensor, x_scale: torch.Tensor, act_dtype=torch.float
     return _launch(y, x_scale, act_dtype)
 
 
+_LAUNCHES = qops.CallSiteLaunches()
+
+
 def _launch(y: torch.Tensor, x_scale, act_dtype):
     if not (y.is_cuda or qops._interpreting()):
         raise RuntimeError(f"fpq's GEGLU kernel needs a CUDA tensor, got one on {y.device}")
@@ -107,12 +110,20 @@ def _launch(y: torch.Tensor, x_scale, act_dtype):
     out = torch.empty((*y.shape[:-1], f), dtype=y.dtype, device=y.device)
     write_q = act_dtype is not None
     q = torch.empty(out.shape, dtype=act_dtype, device=y.device) if write_q else None
+    # without the cast, out and y stand in for the unused q and scale pointers
+    key = (y.shape, y.dtype, y.device.index, y.data_ptr() % 16, act_dtype,
+           x_scale.data_ptr() % 16 if write_q else None)
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        hit[0](y.device.index, *((y, out, q, x_scale, f) if write_q else (y, out, out, y, f)))
+        return out, q
     rows = y.numel() // two_f if two_f else 0
     if rows and f:
         triton, kern = _kernel()
         consts = dict(WRITE_Q=write_q, CLAMP=qops._interpreting(), FMAX=qops._FMAX[act_dtype] if write_q else 0.0,
                       ACT_E5M2=act_dtype == torch.float8_e5m2, BLOCK=_BLOCK)
-        # without the cast, out and y stand in for the unused q and scale pointers
         args = (y, out, q, x_scale, f) if write_q else (y, out, out, y, f)
-        qops._fast_launch(kern, (rows, triton.cdiv(f, _BLOCK)), args, consts, _WARPS)
+        grid = (rows, triton.cdiv(f, _BLOCK))
+        ck = qops._fast_launch(kern, grid, args, consts, _WARPS)
+        _LAUNCHES.remember(key, (ck,), (grid,), (consts,))
     return out, q

@@ -108,6 +108,13 @@ def layer_norm_and_cast(x, weight, bias, eps: float, x_scale: torch.Tensor, act_
     return _launch(x, weight, bias, eps, x_scale, act_dtype)
 
 
+_LAUNCHES = qops.CallSiteLaunches()
+
+
+def _align(t) -> tuple | None:
+    return None if t is None else (t.dtype, t.data_ptr() % 16)
+
+
 def _launch(x, weight, bias, eps, x_scale, act_dtype):
     if not (x.is_cuda or qops._interpreting()):
         raise RuntimeError(f"fpq's LayerNorm kernel needs a CUDA tensor, got one on {x.device}")
@@ -123,6 +130,16 @@ def _launch(x, weight, bias, eps, x_scale, act_dtype):
     out = torch.empty_like(x)
     write_q = act_dtype is not None
     q = torch.empty(x.shape, dtype=act_dtype, device=x.device) if write_q else None
+    # unused pointers get x or out as stand-ins
+    w, b, qo, xs = (weight if weight is not None else x, bias if bias is not None else x, q if write_q else out,
+                    x_scale if write_q else x)
+    key = (x.shape, x.dtype, x.device.index, x.data_ptr() % 16, _align(weight), _align(bias), eps, act_dtype,
+           _align(x_scale) if write_q else None)
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        launch, rows = hit
+        launch(x.device.index, x, w, b, out, qo, xs, rows, c, float(eps))
+        return out, q
     rows = x.numel() // c
     if rows:
         triton, kern = _kernel()
@@ -131,8 +148,8 @@ def _launch(x, weight, bias, eps, x_scale, act_dtype):
         consts = dict(HAS_W=weight is not None, HAS_B=bias is not None, WRITE_Q=write_q, CLAMP=qops._interpreting(),
                       FMAX=qops._FMAX[act_dtype] if write_q else 0.0, ACT_E5M2=act_dtype == torch.float8_e5m2,
                       BLOCK_C=block_c, ROWS_PER=rows_per)
-        # unused pointers get x or out as stand-ins
-        args = (x, weight if weight is not None else x, bias if bias is not None else x, out,
-                q if write_q else out, x_scale if write_q else x, rows, c, float(eps))
-        qops._fast_launch(kern, (triton.cdiv(rows, rows_per),), args, consts, 4 if block_c * rows_per <= 4096 else 8)
+        grid = (triton.cdiv(rows, rows_per),)
+        ck = qops._fast_launch(kern, grid, (x, w, b, out, qo, xs, rows, c, float(eps)), consts,
+                               4 if block_c * rows_per <= 4096 else 8)
+        _LAUNCHES.remember(key, (ck,), (grid,), (consts,), (rows,))
     return out, q

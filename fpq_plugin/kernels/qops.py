@@ -419,6 +419,37 @@ class Launch:
                None, *args, *self.consts)
 
 
+# Module-wide switch (benchmarks compare with it off): the norm and GEGLU wrappers repeat a launch they made before
+# through a CallSiteLaunches entry instead of recomputing its arguments and going through _fast_launch.
+CALL_SITE_LAUNCHES = True
+
+
+class CallSiteLaunches:
+    """The repeatable launches of one kernel wrapper, under keys the wrapper builds from what fixes them: the input
+    shapes (so every integer argument), dtypes and 16-byte alignment of the tensors it was given (its outputs are
+    fresh allocations, always aligned), constexpr choices and the device.
+
+    Why: a hit skips the wrapper's derived arithmetic and :func:`_fast_launch`'s generic key over every argument,
+    the largest own costs left in an eager fpq norm (SD1.5 GroupNorm host time ~170 us profiled against PyTorch's
+    ~50 us; ``benchmarks/results/eager_host_fp16_infer_h100.json``). An entry is only stored when every launch of
+    the call came back as a compiled kernel, i.e. while no Triton launch hook is installed."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, key: tuple):
+        return self._entries.get(key) if CALL_SITE_LAUNCHES else None
+
+    def remember(self, key: tuple, compiled: tuple, grids: tuple, consts: tuple, extra: tuple = ()) -> None:
+        """Store one :class:`Launch` per ``(compiled kernel, grid, consts)`` (skipped if any kernel is None), plus
+        ``extra`` values the wrapper needs on a hit, as ``(*launches, *extra)``."""
+        if CALL_SITE_LAUNCHES and all(ck is not None for ck in compiled):
+            self._entries[key] = (*(Launch(ck, g, c) for ck, g, c in zip(compiled, grids, consts)), *extra)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def _check(x: torch.Tensor) -> None:
     if not (x.is_cuda or _interpreting()):
         raise RuntimeError(f"fpq GPU kernels need a CUDA tensor, got one on {x.device}")
