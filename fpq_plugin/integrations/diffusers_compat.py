@@ -11,9 +11,9 @@ __all__ = ["dtype_kwargs"]
 
 @functools.cache
 def _takes_dtype() -> bool:
-    # diffusers renamed ``from_pretrained(torch_dtype=...)`` to ``dtype=`` (0.42.1 warns on the old name; older
-    # releases read only ``torch_dtype``). The helper that resolves the two names came with the rename, so its
-    # presence tells which one this install reads.
+    # diffusers renamed ``from_pretrained(torch_dtype=...)`` to ``dtype=`` (0.40 and later warn on the old name;
+    # 0.30-0.37, checked, read only ``torch_dtype``). The helper that resolves the two names came with the rename
+    # (in 0.40, not in 0.37), so its presence tells which one this install reads.
     import diffusers.utils
 
     return hasattr(diffusers.utils, "_resolve_dtype")
