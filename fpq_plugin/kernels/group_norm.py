@@ -125,9 +125,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     if not x.is_contiguous():
         x = x.contiguous()
     affine = weight is not None
-    key = (x.shape, x.dtype, x.device.index, x.data_ptr() % 16, num_groups, eps,
-           None if weight is None else (weight.dtype, weight.data_ptr() % 16),
-           None if bias is None else (bias.dtype, bias.data_ptr() % 16))
+    key = (x.shape, x.dtype, x.device.index, x.data_ptr() % 16, num_groups, eps, qops.tensor_key(weight),
+           qops.tensor_key(bias))
     w = weight if affine else x
     b = bias if bias is not None else (torch.zeros_like(weight) if affine else x)
     hit = _LAUNCHES.get(key)

@@ -111,10 +111,6 @@ def layer_norm_and_cast(x, weight, bias, eps: float, x_scale: torch.Tensor, act_
 _LAUNCHES = qops.CallSiteLaunches()
 
 
-def _align(t) -> tuple | None:
-    return None if t is None else (t.dtype, t.data_ptr() % 16)
-
-
 def _launch(x, weight, bias, eps, x_scale, act_dtype):
     if not (x.is_cuda or qops._interpreting()):
         raise RuntimeError(f"fpq's LayerNorm kernel needs a CUDA tensor, got one on {x.device}")
@@ -133,8 +129,8 @@ def _launch(x, weight, bias, eps, x_scale, act_dtype):
     # unused pointers get x or out as stand-ins
     w, b, qo, xs = (weight if weight is not None else x, bias if bias is not None else x, q if write_q else out,
                     x_scale if write_q else x)
-    key = (x.shape, x.dtype, x.device.index, x.data_ptr() % 16, _align(weight), _align(bias), eps, act_dtype,
-           _align(x_scale) if write_q else None)
+    key = (x.shape, x.dtype, x.device.index, x.data_ptr() % 16, qops.tensor_key(weight), qops.tensor_key(bias), eps,
+           act_dtype, qops.tensor_key(x_scale) if write_q else None)
     hit = _LAUNCHES.get(key)
     if hit is not None:
         launch, rows = hit

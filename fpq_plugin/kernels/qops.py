@@ -451,6 +451,11 @@ class CallSiteLaunches:
         return len(self._entries)
 
 
+def tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """What a launch specialises on for an optional tensor argument: its dtype and 16-byte alignment."""
+    return None if t is None else (t.dtype, t.data_ptr() % 16)
+
+
 def _check(x: torch.Tensor) -> None:
     if not (x.is_cuda or _interpreting()):
         raise RuntimeError(f"fpq GPU kernels need a CUDA tensor, got one on {x.device}")
